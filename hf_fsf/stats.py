@@ -1,0 +1,112 @@
+"""Records of one measured optimizer step: per-block fields of PAPER.md §3 and the step's totals."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+BLOCK_FIELDS = (
+    "forward_rms",
+    "backward_norm",
+    "contribution",
+    "loss_decrease",
+    "aligned_speed",
+    "update_norm",
+    "relative_speed",
+    "cos_theta",
+    "sensitivity",
+    "fsf_ratio",
+)
+
+
+@dataclass
+class BlockStats:
+    """One block, one step. Fields are None where they need the angle and the step was measured without it."""
+
+    name: str
+    forward_rms: float | None = None
+    backward_norm: float | None = None
+    contribution: float | None = None
+    loss_decrease: float | None = None
+    aligned_speed: float | None = None
+    update_norm: float | None = None
+    relative_speed: float | None = None
+    cos_theta: float | None = None
+    sensitivity: float | None = None
+    fsf_ratio: float | None = None
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+@dataclass
+class StepStats:
+    """Everything measured for one optimizer step.
+
+    loss: the loss that was back-propagated (summed over micro-batches, averaged over ranks), None if unknown.
+    grad_scale: how the gradients were rescaled between the backward pass and the step (the clipping
+    coefficient; 1.0 without clipping). Contributions use the unscaled gradient ∇loss and the applied update.
+    group_grad_norms: ‖∇loss‖ of the parameters of the stem, of each block and of the head.
+    """
+
+    loss: float | None
+    blocks: list[BlockStats]
+    stem_contribution: float = 0.0
+    head_contribution: float = 0.0
+    grad_scale: float = 1.0
+    group_grad_norms: dict[str, float] = field(default_factory=dict)
+    angle: bool = False
+    valid: bool = True
+    step: int | None = None
+
+    @property
+    def total_loss_decrease(self) -> float:
+        """First-order loss decrease of the whole step: stem + blocks + head contributions."""
+        return (
+            self.stem_contribution + self.head_contribution + sum(b.contribution or 0.0 for b in self.blocks)
+        )
+
+    def summary(self) -> dict[str, float]:
+        """Scalars that summarize the blocks (min / mean / max over blocks), for dashboards."""
+        out: dict[str, float] = {}
+        for name in ("cos_theta", "relative_speed", "sensitivity"):
+            vals = _finite(getattr(b, name) for b in self.blocks)
+            if vals:
+                out[f"{name}_min"] = min(vals)
+                out[f"{name}_mean"] = sum(vals) / len(vals)
+                out[f"{name}_max"] = max(vals)
+        ratios = _finite(b.fsf_ratio for b in self.blocks)
+        if ratios:
+            out["fsf_ratio_max_error"] = max(abs(r - 1.0) for r in ratios)
+        total = self.total_loss_decrease
+        contribs = _finite(b.contribution for b in self.blocks)
+        if contribs and total != 0 and math.isfinite(total):
+            out["contribution_share_max"] = max(contribs) / total
+            out["contribution_share_min"] = min(contribs) / total
+        out["total_loss_decrease"] = total
+        return out
+
+    def to_dict(self, prefix: str = "fsf") -> dict[str, float]:
+        """Flat {key: float} for loggers: `fsf/<block>/<field>` and summary keys such as `fsf/cos_theta_min`."""
+        out: dict[str, float] = {}
+        if self.loss is not None:
+            out[f"{prefix}/loss"] = self.loss
+        out[f"{prefix}/stem_contribution"] = self.stem_contribution
+        out[f"{prefix}/head_contribution"] = self.head_contribution
+        out[f"{prefix}/grad_scale"] = self.grad_scale
+        out[f"{prefix}/valid"] = float(self.valid)
+        for key, value in self.summary().items():
+            out[f"{prefix}/{key}"] = value
+        for block in self.blocks:
+            for name in BLOCK_FIELDS:
+                value = getattr(block, name)
+                if value is not None:
+                    out[f"{prefix}/{block.name}/{name}"] = value
+        return out
+
+    def to_record(self) -> dict:
+        """Nested, JSON-ready record: one line of fsf_stats.jsonl."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "blocks"}
+        record["blocks"] = [asdict(b) for b in self.blocks]
+        return record
