@@ -99,7 +99,9 @@ def _jacobian(output: torch.Tensor, param: nn.Parameter) -> torch.Tensor | None:
     except RuntimeError:  # an op without a batching rule: one backward per entry
         rows = []
         for i in range(m):
-            (row,) = torch.autograd.grad(output, param, grad_outputs=eye[i], retain_graph=True, allow_unused=True)
+            (row,) = torch.autograd.grad(
+                output, param, grad_outputs=eye[i], retain_graph=True, allow_unused=True
+            )
             if row is None:
                 return None
             rows.append(row.reshape(-1))
@@ -143,7 +145,9 @@ def backward_feature_kernel(
     result = []
     for name, _ in layout.blocks:
         if name not in captured:
-            raise RuntimeError(f"block {name!r} did not return a tensor during loss_fn(); is it used in forward?")
+            raise RuntimeError(
+                f"block {name!r} did not return a tensor during loss_fn(); is it used in forward?"
+            )
         f = captured[name]
         if f.numel() > MAX_KERNEL_SIZE:
             raise ValueError(
