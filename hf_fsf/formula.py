@@ -43,12 +43,14 @@ def block_fields(sums: BlockSums, contribution: float, loss_decrease: float) -> 
     """
     forward_norm = math.sqrt(sums.forward_sq)
     backward_norm = math.sqrt(sums.backward_sq)
+    # No backward pass reached f_ℓ (everything up to it frozen): angle-type fields are undefined, not NaN.
+    no_backward = sums.backward_sq == 0.0
     fields: dict[str, float | None] = {
         "forward_rms": forward_norm / math.sqrt(sums.numel) if sums.numel else None,
         "backward_norm": backward_norm,
         "contribution": contribution,
         "loss_decrease": loss_decrease,
-        "aligned_speed": _ratio(loss_decrease, backward_norm),
+        "aligned_speed": None if no_backward else _ratio(loss_decrease, backward_norm),
         "update_norm": None,
         "relative_speed": None,
         "cos_theta": None,

@@ -42,6 +42,24 @@ _SCALE_ATOL = 1e-6
 _REFERENCE_NUMEL = 1 << 16
 
 
+def _guarded(hook):
+    """Hooks run inside the user's forward and backward: with strict=False a fault there is a warning and an
+    invalid step, never an exception in the training loop."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as error:
+            if self.strict:
+                raise
+            if self._step is not None:
+                self._step.failed = f"{type(error).__name__}: {error}"
+            warnings.warn(f"FeatureSpeedProbe: hook failed ({type(error).__name__}: {error}).", stacklevel=2)
+
+    return wrapper
+
+
 class _StopForward(BaseException):
     """Raised after the last block in a re-forward: the head is not needed. BaseException so `except Exception`
     in user code does not swallow it."""
@@ -76,6 +94,7 @@ class _Step:
     grad_sq: torch.Tensor | None = None
     grad_scale: float = 1.0
     phase: str = "capture"  # capture -> stepped -> done
+    failed: str | None = None  # a hook's error message (strict=False)
 
 
 def _rng_devices(model: nn.Module) -> list[int]:
@@ -250,6 +269,10 @@ class FeatureSpeedProbe:
             step.phase = "done"
             self._step = None
 
+    def abort_step(self) -> None:
+        """Discards the step being measured (e.g. after an error in the training loop)."""
+        self._step = None
+
     def close(self) -> None:
         """Removes every hook."""
         for handle in self._handles:
@@ -319,6 +342,7 @@ class FeatureSpeedProbe:
             return None
         return step
 
+    @_guarded
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         step = self._capturing()
         if step is None or step.manual or not torch.is_grad_enabled():
@@ -326,6 +350,7 @@ class FeatureSpeedProbe:
         replay = functools.partial(module, *args, **kwargs)
         step.current = self._new_micro_batch(replay if step.angle else None)
 
+    @_guarded
     def _on_model_output(self, module: nn.Module, args: tuple, output: object) -> None:
         step = self._capturing()
         if step is None or step.manual:
@@ -339,6 +364,7 @@ class FeatureSpeedProbe:
                 lambda g, v=value, s=step: s.loss_terms.append(v * g.detach().reshape(()).double())
             )
 
+    @_guarded
     def _on_block_output(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
         if self._reforwarding:
             self._on_block_reforward(index, output)
@@ -361,6 +387,7 @@ class FeatureSpeedProbe:
         if features.requires_grad and torch.is_grad_enabled():
             features.register_hook(functools.partial(self._on_block_backward, step, micro, index))
 
+    @_guarded
     def _on_block_backward(self, step: _Step, micro: _MicroBatch, index: int, grad: torch.Tensor) -> None:
         with torch.no_grad():
             step.acc[_BWD, index] += _sum_sq(grad).to(self.device)
@@ -371,14 +398,16 @@ class FeatureSpeedProbe:
         step, micro = self._step, self._step.current
         after = block_output(output)
         before, backward = micro.features.get(index), micro.backwards.get(index)
-        if after is not None and before is not None and backward is not None and after.shape == before.shape:
+        if after is not None and before is not None and after.shape == before.shape:
             delta = _as_float(after) - _as_float(before)
             step.acc[_UPD, index] += _sum_sq(delta).to(self.device)
-            step.acc[_DOT, index] += _dot(delta, backward).to(self.device)
+            if backward is not None:  # None when nothing upstream of the block is trainable
+                step.acc[_DOT, index] += _dot(delta, backward).to(self.device)
             micro.seen.add(index)
         if index == len(self.layout.blocks) - 1:
             raise _StopForward
 
+    @_guarded
     def _on_tied_stem_output(
         self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: object
     ) -> None:
@@ -400,6 +429,7 @@ class FeatureSpeedProbe:
 
             out.register_hook(keep)
 
+    @_guarded
     def _on_reference_grad(self, index: int, grad: torch.Tensor) -> None:
         step = self._capturing()
         if step is None:
@@ -581,8 +611,12 @@ class FeatureSpeedProbe:
             raw += acc_list[_UPD] + acc_list[_DOT]
         if loss_value is not None:
             raw.append(loss_value)
-        valid = all(math.isfinite(v) for v in raw) and math.isfinite(scale)
-        if not valid:
+        valid = all(math.isfinite(v) for v in raw) and math.isfinite(scale) and step.failed is None
+        if step.failed is not None:
+            warnings.warn(
+                f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=3
+            )
+        elif not valid:
             warnings.warn(
                 "FeatureSpeedProbe: NaN or inf in this step's loss, gradients or features; stats marked invalid.",
                 stacklevel=3,

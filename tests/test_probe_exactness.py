@@ -150,7 +150,15 @@ def test_gradient_accumulation_equals_one_batch(case):
     assert rel(acc.stem_contribution, one.stem_contribution) < 1e-8
     assert rel(acc.head_contribution, one.head_contribution) < 1e-8
     for a, b in zip(acc.blocks, one.blocks):
-        for field in ("forward_rms", "backward_norm", "contribution", "loss_decrease", "update_norm", "cos_theta", "fsf_ratio"):
+        for field in (
+            "forward_rms",
+            "backward_norm",
+            "contribution",
+            "loss_decrease",
+            "update_norm",
+            "cos_theta",
+            "fsf_ratio",
+        ):
             assert rel(getattr(a, field), getattr(b, field)) < 1e-8, (a.name, field)
 
 
@@ -180,7 +188,9 @@ def test_clipped_gradients_count_the_true_gradient_and_the_applied_update():
 
 def test_batchnorm_statistics_untouched_by_the_reforward():
     torch.manual_seed(0)
-    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)) for _ in range(3))
+    blocks = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)) for _ in range(3)
+    )
     model = _Chain(blocks).double()
     twin = copy.deepcopy(model)
     x = torch.randn(32, 4, dtype=torch.float64)

@@ -1,0 +1,181 @@
+"""FeatureSpeedCallback in real Trainer runs, against independent computations."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+
+import pytest
+import torch
+from trainer_setup import tiny_gpt2, token_data, training_args
+from transformers import Trainer
+
+from hf_fsf import FeatureSpeedProbe
+from hf_fsf.callback import FeatureSpeedCallback
+
+FIELDS = (
+    "forward_rms",
+    "backward_norm",
+    "contribution",
+    "loss_decrease",
+    "update_norm",
+    "cos_theta",
+    "fsf_ratio",
+)
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def read_jsonl(out):
+    with open(out / "fsf_stats.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_accumulation_and_clipping_match_one_big_batch(tmp_path):
+    """Trainer: 2 micro-batches of 4, clipped; reference: the probe on one batch of 8 with the same clipping.
+
+    The Trainer divides the summed token loss by num_items_in_batch, which counts every label (12 per row)
+    while the shifted loss has 11 per row: the back-propagated loss is 11/12 of the mean, and so is the reference.
+    """
+    model = tiny_gpt2()
+    reference = copy.deepcopy(model)
+    data = token_data(8)
+    args = training_args(tmp_path, gradient_accumulation_steps=2, max_grad_norm=0.05, optim="adamw_torch")
+    callback = FeatureSpeedCallback(every=1, angle_every=1, figures=False)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    got = read_jsonl(tmp_path)[0]
+
+    batch = torch.stack([d["input_ids"] for d in data])
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-5, weight_decay=0.0)
+    with FeatureSpeedProbe(reference) as probe:
+        probe.begin_step(angle=True)
+        (reference(input_ids=batch, labels=batch).loss * 11 / 12).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        probe.before_optimizer_step()
+        opt.step()
+        want = probe.after_optimizer_step()
+
+    assert got["grad_scale"] < 0.5  # clipping really happened
+    assert rel(got["grad_scale"], want.grad_scale) < 1e-6
+    assert rel(got["loss"], want.loss) < 1e-6  # the HF loss upcasts logits to float32, not float64
+    assert rel(got["stem_contribution"], want.stem_contribution) < 1e-6
+    assert rel(got["head_contribution"], want.head_contribution) < 1e-6
+    for a, b in zip(got["blocks"], want.blocks):
+        assert a["name"] == b.name
+        for field in FIELDS:
+            assert rel(a[field], getattr(b, field)) < 1e-6, (b.name, field)
+
+
+def test_dropout_accumulation_clipping_keep_the_identity(tmp_path):
+    model = tiny_gpt2(dropout=0.1)
+    args = training_args(
+        tmp_path,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.05,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-6,
+    )
+    callback = FeatureSpeedCallback(every=1, angle_every=1, figures=False)
+    Trainer(model=model, args=args, train_dataset=token_data(12), callbacks=[callback]).train()
+    records = read_jsonl(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["valid"] and record["grad_scale"] < 1.0
+        for block in record["blocks"]:
+            assert abs(block["fsf_ratio"] - 1) < 1e-4, block
+
+
+def test_values_reach_log_history_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny_gpt2()
+    args = training_args(tmp_path, max_steps=4, logging_steps=2, report_to=["tensorboard"])
+    callback = FeatureSpeedCallback(every=1, angle_every=2, figures=False)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(16), callbacks=[callback])
+    trainer.train()
+    records = read_jsonl(tmp_path)
+    train_logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(train_logs) == 2
+    key = "fsf/transformer.h.1/contribution"
+    # averaged between logging steps: steps 1-2, then 3-4
+    for entry, pair in zip(train_logs, (records[0:2], records[2:4])):
+        expected = sum(r["blocks"][1]["contribution"] for r in pair) / 2
+        assert rel(entry[key], expected) < 1e-9
+        assert rel(entry["fsf/cos_theta_min"], min(b["cos_theta"] for b in pair[0]["blocks"])) < 1e-9
+    events = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert events
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    # the TensorBoard integration files training logs under "train/"
+    assert f"train/{key}" in tags and "train/fsf/cos_theta_min" in tags
+    assert [round(e.value, 6) for e in acc.Scalars(f"train/{key}")] == [round(e[key], 6) for e in train_logs]
+
+
+def test_resume_from_checkpoint_repeats_the_same_stats(tmp_path):
+    def run(out, resume=None, max_steps=4):
+        model = tiny_gpt2(dropout=0.1)
+        args = training_args(
+            out, max_steps=max_steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=2
+        )
+        cb = FeatureSpeedCallback(every=1, angle_every=1, figures=False)
+        Trainer(model=model, args=args, train_dataset=token_data(16), callbacks=[cb]).train(
+            resume_from_checkpoint=resume
+        )
+        return read_jsonl(out)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", max_steps=4)  # writes checkpoint-2 and checkpoint-4
+    resumed = run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert [r["step"] for r in resumed] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # records after the checkpoint were replaced, not doubled
+    for a, b in zip(resumed[2:], full[2:]):
+        for x, y in zip(a["blocks"], b["blocks"]):
+            for field in FIELDS:
+                assert rel(x[field], y[field]) < 1e-9, field
+
+
+def test_frozen_stem_and_first_block(tmp_path):
+    model = tiny_gpt2()
+    for name, p in model.named_parameters():
+        if name.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")):
+            p.requires_grad_(False)
+    args = training_args(tmp_path, max_steps=1)
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_data(8),
+        callbacks=[FeatureSpeedCallback(angle_every=1, figures=False)],
+    ).train()
+    record = read_jsonl(tmp_path)[0]
+    assert record["valid"]
+    first, second = record["blocks"][0], record["blocks"][1]
+    assert first["contribution"] == 0.0 and record["stem_contribution"] == 0.0
+    assert first["update_norm"] == 0.0  # nothing upstream moved
+    assert second["contribution"] > 0 and abs(second["fsf_ratio"] - 1) < 1e-4
+
+
+def test_a_broken_model_never_stops_training(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))  # no blocks: the callback disables itself
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            return {"loss": ((self.net(x) - labels) ** 2).mean()}
+
+    data = [{"x": torch.randn(3), "labels": torch.randn(3)} for _ in range(8)]
+    args = training_args(tmp_path, max_steps=2)
+    with pytest.warns(UserWarning, match="disabled"):
+        Trainer(model=Wrapper(), args=args, train_dataset=data, callbacks=[FeatureSpeedCallback()]).train()
