@@ -1,0 +1,60 @@
+"""Data parallelism: 2 CPU processes (gloo) under `accelerate launch` give the 1-process stats on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+FIELDS = (
+    "forward_rms",
+    "backward_norm",
+    "contribution",
+    "loss_decrease",
+    "aligned_speed",
+    "update_norm",
+    "relative_speed",
+    "cos_theta",
+    "sensitivity",
+    "fsf_ratio",
+)
+
+
+def _run(cmd, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, WORKER, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "fsf_stats.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    one = _run([sys.executable], tmp_path / "one")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    two = _run(launch, tmp_path / "two")
+    assert len(one) == len(two) == 1
+    a, b = one[0], two[0]
+    assert a["grad_scale"] < 1.0  # clipping is part of the comparison
+    for key in ("loss", "grad_scale", "stem_contribution", "head_contribution"):
+        assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), key
+    for x, y in zip(a["blocks"], b["blocks"]):
+        for field in FIELDS:
+            assert abs(x[field] - y[field]) <= 1e-5 * abs(x[field]), (x["name"], field)
