@@ -179,3 +179,27 @@ def test_a_broken_model_never_stops_training(tmp_path):
     args = training_args(tmp_path, max_steps=2)
     with pytest.warns(UserWarning, match="disabled"):
         Trainer(model=Wrapper(), args=args, train_dataset=data, callbacks=[FeatureSpeedCallback()]).train()
+
+
+def test_bf16_autocast_accuracy(tmp_path):
+    """bf16 autocast: the identity holds to a few percent and cos θ stays within 0.02 of the float32 run."""
+    records = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        model = tiny_gpt2(dropout=0.1).float()
+        args = training_args(tmp_path / name, bf16=bf16, max_steps=3, learning_rate=1e-4, per_device_train_batch_size=8)
+        cb = FeatureSpeedCallback(angle_every=1, figures=False)
+        Trainer(model=model, args=args, train_dataset=token_data(40), callbacks=[cb]).train()
+        records[name] = read_jsonl(tmp_path / name)
+    for fp32, bf16 in zip(records["fp32"], records["bf16"]):
+        for a, b in zip(fp32["blocks"], bf16["blocks"]):
+            assert abs(b["fsf_ratio"] - 1) < 0.1
+            assert abs(a["cos_theta"] - b["cos_theta"]) < 0.02
+
+
+def test_report_written_at_train_end(tmp_path):
+    args = training_args(tmp_path, max_steps=3)
+    cb = FeatureSpeedCallback(angle_every=2)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(16), callbacks=[cb]).train()
+    report = tmp_path / "fsf_report"
+    assert (report / "report.md").exists()
+    assert list(report.rglob("*.png"))
