@@ -66,9 +66,10 @@ def model_scaling(
 
     - "ntk", "mfmup", "fsc": the paper's Table 1 (PAPER.md §6) for the MLP (beta=None).
     - For the ResNet (beta given), the branch multiplies hidden gradients by β, so the hidden η of the table is
-      divided by β² (rule (8): η_ℓ ∝ 1/(L‖∇_ℓ‖²)). FSC for ResNets uses σ_L = √k/m (cos θ = Θ(1), no depth
-      factor); ‖b‖² is then L times smaller than in the MLP table, so η_1 and η_hid are L times larger. With
-      β = 1/√L this is depth-μP: η_hid = 1.
+      divided by β² (rule (8): η_ℓ ∝ 1/(L‖∇_ℓ‖²)). FSC for ResNets with β ≤ 1/√L uses σ_L = √k/m (cos θ = Θ(1),
+      no depth factor); ‖b‖² is then L times smaller than in the MLP table, so η_1 and η_hid are L times larger.
+      With β = 1/√L this is depth-μP: η_hid = 1. For larger β the depth factor q = β²L (≤ L) comes back into
+      σ_L = √(kq)/m, and β = 1 gives the MLP's row (an interpolation of the paper's two regimes, not a theorem).
     - "standard": He init for the input and hidden layers (σ = 1/√d, √(2/m)), σ_L = 1/√m, and the same η = 1
       for every layer (what `torch.optim.SGD(model.parameters(), lr)` does).
     """
@@ -81,8 +82,14 @@ def model_scaling(
     if beta is None:
         return table
     if name == "fsc":
+        # Rule (7) sets σ_L by cos θ_{L−1}: Θ(1/√L) for β = Θ(1) (the MLP's √L in σ_L), Θ(1) for β = O(1/√L).
+        # q = max(1, β²L) interpolates: q = L at β = 1 gives the MLP row, q = 1 for β ≤ 1/√L gives σ_L = √k/m.
+        q = max(1.0, beta**2 * L)
         table = replace(
-            table, sigma_out=math.sqrt(k) / m, lr_in=table.lr_in * L, lr_hidden=table.lr_hidden * L
+            table,
+            sigma_out=math.sqrt(k * q) / m,
+            lr_in=table.lr_in * L / q,
+            lr_hidden=table.lr_hidden * L / q,
         )
     return replace(table, lr_hidden=table.lr_hidden / beta**2)
 

@@ -1,6 +1,7 @@
 """The paper's baselines: structure seen by find_blocks, the forward maps, init scales and per-layer rates."""
 
 import math
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -108,6 +109,10 @@ def test_resnet_scalings_divide_hidden_rate_by_beta_squared():
     fsc = model_scaling("fsc", m, L, d, 1, beta=beta)
     assert fsc.sigma_out == pytest.approx(1 / m)  # no √L: cos θ = Θ(1) for β = 1/√L
     assert fsc.lr_hidden == pytest.approx(1.0)  # depth-μP
+    # β = 1: the ResNet's blocks are the MLP's, and so is its FSC row
+    assert astuple(model_scaling("fsc", m, L, d, 1, beta=1.0)) == pytest.approx(
+        astuple(model_scaling("fsc", m, L, d, 1))
+    )
     ntk_mlp, ntk_res = model_scaling("ntk", m, L, d), model_scaling("ntk", m, L, d, beta=0.5)
     assert ntk_res.lr_hidden == pytest.approx(ntk_mlp.lr_hidden / 0.25)
     assert ntk_res.lr_out == pytest.approx(ntk_mlp.lr_out)
