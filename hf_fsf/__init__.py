@@ -11,8 +11,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "FeatureSpeedCallback": "hf_fsf.callback",
     "apply_branch_scaling": "hf_fsf.residual",
+    "get_branch_scaling": "hf_fsf.residual",
+    "BranchScaling": "hf_fsf.residual",
     "FSCOptimizer": "hf_fsf.control",
+    "FSCOptimizerFactory": "hf_fsf.control",
     "calibrate_output_scale": "hf_fsf.control",
+    "set_output_scale": "hf_fsf.control",
+    "get_output_scale": "hf_fsf.control",
 }
 
 __all__ = ["BlockLayout", "BlockStats", "FeatureSpeedProbe", "StepStats", "find_blocks", *_LAZY]
