@@ -49,6 +49,9 @@ def test_writes_both_csvs_with_exact_columns(tiny_run):
     for name in ("fig1_angles.png", "fig2_sensitivity.png", "summary.md"):
         assert (out / name).stat().st_size > 0
     assert "√L·cos MLP" in (out / "summary.md").read_text()
+    assert (
+        result.first_order_error_last < 1e-2
+    )  # the master step 1e-3 is small enough for the angle to be first-order
 
 
 def test_angles_have_the_papers_shapes(tiny_run):
