@@ -587,8 +587,14 @@ class FeatureSpeedProbe:
             head += by_group[f"tied:{index}"] - stem_share
         grad_norms = {k: math.sqrt(max(v, 0.0)) / abs(scale) for k, v in zip(names, step.grad_sq.tolist())}
 
-        if not any(c != 0.0 for c in contributions) and any(v > 0 for v in grad_norms.values()):
-            self._problem("optimizer.step() changed no parameter that has a gradient (skipped step, lr = 0?)")
+        # An optimizer that moved nothing (lr = 0 at the start of a warm-up, a step skipped by a loss scaler) gives
+        # no feature update to measure: an error when measuring by hand, an invalid record inside training.
+        nothing_moved = not any(c != 0.0 for c in contributions) and any(v > 0 for v in grad_norms.values())
+        if nothing_moved and self.strict:
+            raise RuntimeError(
+                "FeatureSpeedProbe: optimizer.step() changed no parameter that has a gradient (lr = 0? a skipped "
+                "step?); there is no update to measure. Check the optimizer's learning rate and parameters."
+            )
 
         acc_list = acc.tolist()
         numel_list = numel.tolist()
@@ -611,12 +617,12 @@ class FeatureSpeedProbe:
             raw += acc_list[_UPD] + acc_list[_DOT]
         if loss_value is not None:
             raw.append(loss_value)
-        valid = all(math.isfinite(v) for v in raw) and math.isfinite(scale) and step.failed is None
+        valid = all(math.isfinite(v) for v in raw) and math.isfinite(scale) and step.failed is None and not nothing_moved
         if step.failed is not None:
             warnings.warn(
                 f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=3
             )
-        elif not valid:
+        elif not valid and not nothing_moved:
             warnings.warn(
                 "FeatureSpeedProbe: NaN or inf in this step's loss, gradients or features; stats marked invalid.",
                 stacklevel=3,
