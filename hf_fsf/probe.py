@@ -68,7 +68,7 @@ class _StopForward(BaseException):
 @dataclass
 class _MicroBatch:
     replay: Callable[[], object] | None
-    cpu_rng: torch.Tensor
+    cpu_rng: torch.Tensor | None
     cuda_rng: list[torch.Tensor]
     autocast: list[tuple[str, torch.dtype]]
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # f_ℓ before the step (angle only)
@@ -327,10 +327,11 @@ class FeatureSpeedProbe:
 
     def _new_micro_batch(self, replay: Callable[[], object] | None) -> _MicroBatch:
         step = self._step
+        # The random state is only needed to replay the forward (angle steps); the cheap path skips the copy.
         micro = _MicroBatch(
             replay=replay,
-            cpu_rng=torch.get_rng_state(),
-            cuda_rng=[torch.cuda.get_rng_state(d) for d in self._cuda_devices],
+            cpu_rng=torch.get_rng_state() if step.angle else None,
+            cuda_rng=[torch.cuda.get_rng_state(d) for d in self._cuda_devices] if step.angle else [],
             autocast=_autocast_state(),
         )
         step.micro.append(micro)
@@ -347,8 +348,8 @@ class FeatureSpeedProbe:
         step = self._capturing()
         if step is None or step.manual or not torch.is_grad_enabled():
             return
-        replay = functools.partial(module, *args, **kwargs)
-        step.current = self._new_micro_batch(replay if step.angle else None)
+        replay = functools.partial(module, *args, **kwargs) if step.angle else None
+        step.current = self._new_micro_batch(replay)
 
     @_guarded
     def _on_model_output(self, module: nn.Module, args: tuple, output: object) -> None:
