@@ -5,10 +5,10 @@
     python recipes/bench_overhead.py --sizes gpt2-small:4x512 --steps 8
 
 Settings, all in one process, on the same freshly seeded model: no callback; cheap stats every step
-(angle_every=0); the angle every step; the angle every 50 steps. Step time: wall time between the Trainer's
-on_step_begin and on_step_end (a separate timing callback, registered after the one under test, so that both
-its begin and end hooks run after the callback's), synchronized on GPU; medians over `--steps` steps after
-`--warmup` steps. The mean is printed too: with angle every 50 steps, one step in 50 pays for the angle.
+(angle_every=0); the angle every step; the angle every 50 steps. Step time: wall time from one on_step_end
+to the next (a separate timing callback, see StepTimer), synchronized on GPU; medians over `--steps` steps
+after `--warmup` steps. The mean is printed too. With angle every 50 steps the angle falls on step 1 (a warm-up
+step), so unless more than 50 steps are timed, that row measures the steps between two angles.
 Peak memory: on CUDA, torch.cuda.max_memory_allocated during the timed steps (reset after warm-up); on CPU, the
 process's peak resident set size (VmHWM in /proc/self/status, reset through /proc/self/clear_refs after
 malloc_trim) during the timed steps, minus the RSS at their start: the extra memory the steps touched (a rough
@@ -106,28 +106,29 @@ class _PeakMemory:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step; resets the memory peak once the warm-up steps are done."""
+    """Wall time of each optimizer step, from one on_step_end to the next.
+
+    End to end rather than on_step_begin -> on_step_end: FeatureSpeedCallback moves itself to the front of the
+    callback list, so its on_step_begin would run before a timer's and escape it. The interval holds everything
+    the Trainer does per step (data, forward, backward, optimizer, every callback), the same for all settings.
+    The memory peak is reset at the end of the last warm-up step.
+    """
 
     def __init__(self, warmup: int, memory: _PeakMemory):
         self.warmup, self.memory = warmup, memory
         self.times: list[float] = []
         self.peak = 0
-
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            self.memory.reset()
-        self._sync()
-        self._start = time.perf_counter()
+        self._last = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
-            self.peak = self.memory.peak()
+            self.times.append(time.perf_counter() - self._last)
+            self.peak = max(self.peak, self.memory.peak())
+        elif state.global_step == self.warmup:
+            self.memory.reset()
+        self._last = time.perf_counter()
 
 
 def measure(size: str, batch: int, length: int, setting: str, steps: int, warmup: int) -> Measurement:
