@@ -1,23 +1,47 @@
 """Where the blocks are: stem, chain of blocks, head, and who owns which parameter.
 
-The rule is structural, so that new architectures of a known shape need no entry: the blocks are the children of
-the one `nn.ModuleList` / `nn.Sequential` of repeated blocks; parameters registered before it belong to the stem
-(embeddings, input projection), after it to the head (final norm, readout, classifier). A parameter registered in
-both (tied input/output embeddings) is a *tied* parameter, whose gradient mixes the stem and head paths.
+The rule is structural, so that new architectures of a known shape need no entry:
+
+- **Blocks** are the children of the one outermost `nn.ModuleList` / `nn.Sequential` of repeated blocks (the
+  decoder layers of GPT-2, Llama, Mistral, Mixtral, Qwen, Gemma, Phi, OPT, Falcon, BLOOM, ...; the encoder layers of
+  BERT, RoBERTa, DistilBERT, Electra, ViT).
+- **Stem** and **head** are the parameters used before the first block and after the last one. Registration order
+  usually says which, but not always (OPT registers its final norm before its layers, BART its embedding norm after
+  them), so for Hugging Face models the order is taken from one forward pass on tiny dummy inputs, in eval mode and
+  without backward (a *trace*; `example_inputs=` does the same for any model). Without a trace, parameters
+  registered before the blocks are the stem and those after the head.
+- A parameter used in the stem and in the head (tied input/output embeddings) is a *tied* parameter, whose gradient
+  mixes the stem and head paths. Its stem share is measured at the first module that uses it.
+
+Encoder-decoder models (T5, BART, Whisper, Marian, ...) have two block lists. The default chain is the **encoder**:
+its parameters up to block ℓ reach the loss only through f_ℓ (the decoder, which reads the encoder output, is the
+head). T5 is the exception: its relative position bias is computed in encoder block 0 and passed to every later
+block, a path around f_ℓ that −⟨δf_ℓ, b_ℓ⟩ misses for ℓ < L. The trace detects such paths (a trainable tensor that a
+block returns besides f_ℓ and a later block reads) and warns; freezing the bias makes the chain exact. The decoder is
+chosen with `blocks="decoder"`; for it the chain identity holds only if the encoder and the shared embeddings are
+frozen, since the encoder output feeds every decoder block through cross-attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 HOW_TO_PASS_BLOCKS = (
     "Pass the blocks explicitly, e.g. FeatureSpeedProbe(model, blocks=['layers.0', 'layers.1', ...]) "
-    "(names as in model.named_modules()) or blocks=[module, ...], in the order the forward pass runs them."
+    "(names as in model.named_modules()) or blocks=[module, ...], in the order the forward pass runs them; "
+    "or name the block list: blocks='model.layers' (or blocks='encoder' / 'decoder' for an encoder-decoder)."
 )
+
+BlocksArg = str | Sequence[str] | Sequence[nn.Module] | None
 
 
 @dataclass
@@ -28,20 +52,25 @@ class TiedParameter:
     head_name: str
     param: nn.Parameter
     stem_module_name: (
-        str  # the stem module that owns it (its output is linear in the parameter for embeddings)
+        str  # the stem module that uses it (its output is linear in the parameter for embeddings)
     )
     stem_module: nn.Module
 
 
 @dataclass
 class BlockLayout:
-    """The chain stem -> blocks -> head of a model, with the parameters each part owns."""
+    """The chain stem -> blocks -> head of a model, with the parameters each part owns.
+
+    traced: whether stem and head were split by the execution order of a forward pass (True) or by registration
+    order (False).
+    """
 
     blocks: list[tuple[str, nn.Module]]
     block_params: list[list[tuple[str, nn.Parameter]]]
     stem_params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     head_params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     tied: list[TiedParameter] = field(default_factory=list)
+    traced: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -60,6 +89,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Module):
             model = inner
     return model
+
+
+# --- which modules are the blocks --------------------------------------------------------------------------------
 
 
 def _is_block_container(module: nn.Module) -> bool:
@@ -83,9 +115,41 @@ def _block_container_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]
     return outer
 
 
-def _resolve_blocks(
-    model: nn.Module, blocks: Sequence[str] | Sequence[nn.Module] | None
-) -> list[tuple[str, nn.Module]]:
+def _stack_of(name: str) -> str | None:
+    """'encoder' or 'decoder' when a container lives under a module of that name (T5, BART, Whisper, ...)."""
+    parts = name.split(".")
+    for stack in ("encoder", "decoder"):
+        if stack in parts:
+            return stack
+    return None
+
+
+def _children_of(prefix: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}.{n}" if prefix else n, m) for n, m in container.named_children()]
+
+
+def _describe(candidates: list[tuple[str, nn.Module]]) -> str:
+    return ", ".join(
+        f"'{n}' ({len(list(m.children()))} x {type(next(iter(m.children()))).__name__})"
+        for n, m in candidates
+    )
+
+
+def _container_by_name(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """blocks='model.layers' (a block list by name) or blocks='encoder' / 'decoder' (the stack of that name)."""
+    named = dict(model.named_modules())
+    if name in named and isinstance(named[name], (nn.ModuleList, nn.Sequential)):
+        return _children_of(name, named[name])
+    candidates = _block_container_candidates(model)
+    matching = [(n, m) for n, m in candidates if name in n.split(".") or n.startswith(name + ".")]
+    if len(matching) == 1:
+        return _children_of(*matching[0])
+    found = f"block lists found: {_describe(candidates)}" if candidates else "no block list found"
+    what = "several block lists match" if matching else "no block list matches"
+    raise ValueError(f"find_blocks: blocks={name!r}: {what} ({found}). " + HOW_TO_PASS_BLOCKS)
+
+
+def _resolve_blocks(model: nn.Module, blocks: BlocksArg) -> list[tuple[str, nn.Module]]:
     named = dict(model.named_modules())
     if blocks is None:
         candidates = _block_container_candidates(model)
@@ -94,20 +158,22 @@ def _resolve_blocks(
                 f"find_blocks: no nn.ModuleList or nn.Sequential of repeated blocks in {type(model).__name__}. "
                 + HOW_TO_PASS_BLOCKS
             )
+        stacks = [_stack_of(n) for n, _ in candidates]
+        if len(candidates) == 2 and sorted(map(str, stacks)) == ["decoder", "encoder"]:
+            # Encoder-decoder: the encoder is a chain (the decoder is its head); see the module docstring.
+            return _children_of(*candidates[stacks.index("encoder")])
         if len(candidates) > 1:
-            listed = ", ".join(
-                f"'{n}' ({len(list(m.children()))} x {type(next(iter(m.children()))).__name__})"
-                for n, m in candidates
-            )
             raise ValueError(
-                f"find_blocks: {type(model).__name__} has several block lists ({listed}); which one is the chain is "
-                "ambiguous. " + HOW_TO_PASS_BLOCKS
+                f"find_blocks: {type(model).__name__} has several block lists ({_describe(candidates)}); which "
+                "one is the chain is ambiguous. " + HOW_TO_PASS_BLOCKS
             )
-        prefix, container = candidates[0]
-        return [(f"{prefix}.{n}" if prefix else n, m) for n, m in container.named_children()]
-    if isinstance(blocks, (str, nn.Module)):
+        return _children_of(*candidates[0])
+    if isinstance(blocks, str):
+        return _container_by_name(model, blocks)
+    if isinstance(blocks, nn.Module):
         raise TypeError(
-            "blocks= takes a list of module names or modules, not a single one. " + HOW_TO_PASS_BLOCKS
+            "blocks= takes a list of modules (or names), or the name of a block list, not a single module. "
+            + HOW_TO_PASS_BLOCKS
         )
     resolved = []
     by_id = {id(m): n for n, m in named.items()}
@@ -132,70 +198,325 @@ def _resolve_blocks(
     return resolved
 
 
+# --- execution order ---------------------------------------------------------------------------------------------
+
+# Phases of a module call relative to the chain: before the first block, after the last, or in between
+# (outside any block, while the chain runs: a parameter shared by the blocks, which breaks the chain).
+_STEM, _HEAD, _CHAIN = "stem", "head", "chain"
+
+
+def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Tiny inputs for one forward of a Hugging Face model, built from its config; None for other models.
+
+    Covers the main input kinds (`input_ids`, `pixel_values`, Whisper-style `input_features`), plus
+    `decoder_input_ids` for encoder-decoders.
+    """
+    config = getattr(model, "config", None)
+    param = next(model.parameters(), None)
+    if config is None or param is None:
+        return None
+    device = param.device
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = floats[0] if floats else torch.float32
+    kind = getattr(model, "main_input_name", "input_ids")
+    vocab = getattr(config, "vocab_size", None) or 2
+    if kind == "input_ids":
+        inputs = {"input_ids": torch.arange(1, 5, device=device).remainder(vocab).unsqueeze(0)}
+    elif kind == "pixel_values" and getattr(config, "image_size", None) is not None:
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = getattr(config, "num_channels", 3)
+        inputs = {"pixel_values": torch.zeros(1, channels, height, width, device=device, dtype=dtype)}
+    elif kind == "input_features" and hasattr(config, "max_source_positions"):
+        frames = 2 * config.max_source_positions  # what Whisper's encoder requires (two convs, stride 2)
+        inputs = {"input_features": torch.zeros(1, config.num_mel_bins, frames, device=device, dtype=dtype)}
+    else:
+        return None
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in _argument_names(model):
+        inputs["decoder_input_ids"] = torch.arange(1, 3, device=device).remainder(vocab).unsqueeze(0)
+    return inputs
+
+
+def _argument_names(module: nn.Module) -> list[str]:
+    """The names of module.forward's arguments (an encoder stack takes no decoder_input_ids)."""
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+@contextlib.contextmanager
+def _quiet_eval(model: nn.Module):
+    """eval mode, the random state restored: the trace leaves no trace (dropout, BatchNorm statistics)."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _call(model: nn.Module, inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        model(*inputs)
+    else:
+        model(inputs)
+
+
+@dataclass
+class _Trace:
+    """What one forward pass says about the chain."""
+
+    phases: dict[int, set[str]]  # id(module outside the blocks) -> phases in which it ran
+    order: list[int]  # block indices in the order they first ran
+    # (block, later block, argument name): trainable tensors passed from block to block around the stream
+    side_inputs: list[tuple[str, str, str]]
+
+
+def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -> _Trace:
+    """Runs the model once and says, for every module outside the blocks, in which phases it was called.
+
+    Modules whose call encloses the chain (the model itself, a stack) are not classified: their own parameters
+    fall back to registration order. Also records the trainable tensors that a block returns besides f_ℓ and a
+    later block reads (T5's position bias): a path around the residual stream, which breaks the chain identity.
+    The forward runs with grad enabled (to see which tensors depend on trainable parameters) but no backward.
+    """
+    block_index = {id(m): i for i, (_, m) in enumerate(blocks)}
+    clock = [0]
+    calls: dict[int, list[tuple[int, int]]] = {}
+    open_calls: dict[int, list[int]] = {}
+    returned: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (block, tensor kept alive)
+    side_inputs: list[tuple[str, str, str]] = []
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        clock[0] += 1
+        open_calls.setdefault(id(module), []).append(clock[0])
+
+    def post(module: nn.Module, args: tuple, output: object) -> None:
+        clock[0] += 1
+        start = open_calls[id(module)].pop()
+        calls.setdefault(id(module), []).append((start, clock[0]))
+
+    def block_pre(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = _argument_names(module)
+        named = [(names[i] if i < len(names) else f"argument {i}", a) for i, a in enumerate(args)]
+        named += list(kwargs.items())
+        for argument, value in named:
+            source = returned.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if source is not None and source[1] is value and source[0] != index:
+                side_inputs.append((blocks[source[0]][0], blocks[index][0], argument))
+
+    def block_post(index: int, module: nn.Module, args: tuple, output: object) -> None:
+        extra = output[1:] if isinstance(output, (tuple, list)) else ()
+        for value in extra:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                returned[id(value)] = (index, value)
+
+    inside_blocks = {id(m) for _, block in blocks for m in block.modules()} - set(block_index)
+    handles = []
+    try:
+        for module in model.modules():
+            if id(module) not in inside_blocks:
+                handles.append(module.register_forward_pre_hook(pre))
+                handles.append(module.register_forward_hook(post))
+        for index, (_, block) in enumerate(blocks):
+            handles.append(
+                block.register_forward_pre_hook(functools.partial(block_pre, index), with_kwargs=True)
+            )
+            handles.append(block.register_forward_hook(functools.partial(block_post, index)))
+        with _quiet_eval(model):
+            _call(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [blocks[i][0] for i in range(len(blocks)) if id(blocks[i][1]) not in calls]
+    if missing:
+        raise RuntimeError(f"blocks {missing[:3]} did not run in the forward pass")
+    spans = [calls[id(m)][0] for _, m in blocks]
+    order = sorted(range(len(blocks)), key=lambda i: spans[i][0])
+    first, last = spans[order[0]][0], max(end for _, end in spans)
+    phases: dict[int, set[str]] = {}
+    for mid, module_calls in calls.items():
+        if mid in block_index:
+            continue
+        seen = set()
+        for start, end in module_calls:
+            if end < first:
+                seen.add(_STEM)
+            elif start > last:
+                seen.add(_HEAD)
+            elif not (start < first and end > last):
+                seen.add(_CHAIN)
+        if seen:
+            phases[mid] = seen
+    return _Trace(phases, order, list(dict.fromkeys(side_inputs)))
+
+
+# --- parameters: stem, blocks, head ------------------------------------------------------------------------------
+
+
 def _owner_module_name(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
-def find_blocks(model: nn.Module, blocks: Sequence[str] | Sequence[nn.Module] | None = None) -> BlockLayout:
-    """The BlockLayout of `model`: blocks auto-detected (blocks=None) or given by name or module.
+def _embedding_hints(model: nn.Module, resolved: list[tuple[str, nn.Module]]) -> dict[int, str]:
+    """Registration-order fallback for HF models: the output embeddings are head; the input embeddings are stem
+    unless they belong to another stack than the blocks (Whisper's are the decoder's)."""
+    hints: dict[int, str] = {}
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    with contextlib.suppress(Exception):
+        out = get_out() if callable(get_out) else None
+        if isinstance(out, nn.Module):
+            hints[id(out)] = _HEAD
+    with contextlib.suppress(Exception):
+        emb = get_in() if callable(get_in) else None
+        by_id = {id(m): n for n, m in model.named_modules()}
+        if isinstance(emb, nn.Module) and id(emb) in by_id:
+            stacks = {_stack_of(n) for n, _ in resolved}
+            if _stack_of(by_id[id(emb)]) in stacks | {None}:
+                hints.setdefault(id(emb), _STEM)
+    return hints
 
-    Parameters are split by registration order in `model.named_parameters()`, which follows the forward order in
-    Hugging Face models and in models written the usual way (input layers, blocks, output layers).
-    """
-    model = unwrap_model(model)
-    resolved = _resolve_blocks(model, blocks)
+
+def _try_trace(
+    model: nn.Module, resolved: list[tuple[str, nn.Module]], example_inputs: Any, trace: bool
+) -> tuple[_Trace | None, str | None]:
+    """(trace, why not) from a forward on example_inputs, or on HF dummy inputs; (None, None) for a plain model."""
+    if not trace:
+        return None, None
+    inputs = example_inputs if example_inputs is not None else _dummy_inputs(model)
+    if inputs is None:
+        return None, None
+    try:
+        return _trace(model, resolved, inputs), None
+    except Exception as error:  # a failed dry run only means falling back to registration order
+        return None, f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def _parts(
+    model: nn.Module, resolved: list[tuple[str, nn.Module]], phases: dict[int, set[str]] | None
+) -> tuple[dict[int, dict[str, list[str]]], dict[int, nn.Parameter], dict[int, str]]:
+    """{id(param): {part: names}} where part is 'stem', 'head', 'chain' or 'block:<i>'; a parameter registered
+    under several names (tied) can be in several parts. Also the parameters by id, and the embedding hints used."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    hints = _embedding_hints(model, resolved) if phases is None else {}
     prefixes = [name + "." for name, _ in resolved]
-    block_params: list[list[tuple[str, nn.Parameter]]] = [[] for _ in resolved]
-    stem: list[tuple[str, nn.Parameter]] = []
-    head: list[tuple[str, nn.Parameter]] = []
-    where: dict[int, set[str]] = {}  # id(param) -> parts that use it
-    first_name: dict[int, str] = {}
+    parts: dict[int, dict[str, list[str]]] = {}
+    params: dict[int, nn.Parameter] = {}
     seen_block = False
     for name, param in model.named_parameters(remove_duplicate=False):
         index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
-        part = "block" if index is not None else ("head" if seen_block else "stem")
+        owner = modules[_owner_module_name(name)]
         if index is not None:
-            seen_block = True
-        pid = id(param)
-        if pid in first_name:
-            where[pid].add(part)
-            if part == "head" and "stem" in where[pid] and len(where[pid]) == 2:
-                head.append((name, param))  # tied: recorded on both sides, resolved below
-            continue
-        first_name[pid] = name
-        where[pid] = {part}
-        if index is not None:
-            block_params[index].append((name, param))
-        elif part == "stem":
-            stem.append((name, param))
-        else:
-            head.append((name, param))
-    named_modules = dict(model.named_modules())
-    tied = []
-    for name, param in list(head):
-        pid = id(param)
-        if where[pid] == {"stem", "head"}:
-            stem_name = first_name[pid]
-            if stem_name == name:
-                continue
+            seen_block, found = True, {f"block:{index}"}
+        elif phases is not None and id(owner) in phases:
+            found = phases[id(owner)]
+        elif id(owner) in hints:
+            found = {hints[id(owner)]}
+        else:  # registration order
+            found = {_HEAD if seen_block else _STEM}
+        params[id(param)] = param
+        for part in found:
+            parts.setdefault(id(param), {}).setdefault(part, []).append(name)
+    return parts, params, hints
+
+
+def find_blocks(
+    model: nn.Module,
+    blocks: BlocksArg = None,
+    *,
+    example_inputs: Any = None,
+    trace: bool = True,
+) -> BlockLayout:
+    """The BlockLayout of `model`.
+
+    blocks: None (auto-detect; the encoder of an encoder-decoder), a list of module names or modules, or the name
+    of a block list ('model.layers', 'encoder', 'decoder').
+    example_inputs: inputs for one forward pass (a dict of keyword arguments, a tuple, or a tensor) that orders the
+    parameters outside the blocks by execution. Hugging Face models get dummy inputs from their config when it is
+    None. The forward runs in eval mode with the random state restored, and no backward. trace=False skips it:
+    stem and head then follow registration order.
+    """
+    model = unwrap_model(model)
+    resolved = _resolve_blocks(model, blocks)
+    traced, why_not = _try_trace(model, resolved, example_inputs, trace)
+    phases = traced.phases if traced is not None else None
+    if traced is not None and traced.order != sorted(traced.order):
+        resolved = [resolved[i] for i in traced.order]  # the chain order is the execution order
+        return find_blocks(model, [m for _, m in resolved], example_inputs=example_inputs, trace=trace)
+    parts, params, hints = _parts(model, resolved, phases)
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    block_params: list[list[tuple[str, nn.Parameter]]] = [[] for _ in resolved]
+    stem, head, tied, shared = [], [], [], []
+    for pid, where in parts.items():
+        param = params[pid]
+        in_blocks = [p for p in where if p.startswith("block:")]
+        if (in_blocks and len(where) > 1) or _CHAIN in where:
+            shared.append(next(iter(where.values()))[0])
+        elif in_blocks:
+            block_params[int(in_blocks[0].split(":")[1])].append((where[in_blocks[0]][0], param))
+        elif set(where) == {_STEM, _HEAD}:
+            # The stem side is the module seen running before the blocks (BART's model.shared never runs: its
+            # weight runs in encoder.embed_tokens); the head side is preferably a head-only name (the LM head).
+            ran = [
+                n for n in where[_STEM] if _STEM in (phases or {}).get(id(modules[_owner_module_name(n)]), ())
+            ]
+            stem_name = (ran or where[_STEM])[0]
+            head_only = [n for n in where[_HEAD] if n not in where[_STEM]]
             owner = _owner_module_name(stem_name)
-            tied.append(TiedParameter(stem_name, name, param, owner, named_modules[owner]))
-    tied_ids = {id(t.param) for t in tied}
-    shared_with_blocks = [
-        first_name[pid] for pid, parts in where.items() if "block" in parts and len(parts) > 1
-    ]
-    if shared_with_blocks:
+            tied.append(
+                TiedParameter(stem_name, (head_only or where[_HEAD])[-1], param, owner, modules[owner])
+            )
+        elif _STEM in where:
+            stem.append((where[_STEM][0], param))
+        else:
+            head.append((where[_HEAD][0], param))
+    if shared:
         raise ValueError(
-            f"find_blocks: parameters {shared_with_blocks[:3]} are used inside a block and outside it, so the model "
-            "is not a chain stem -> blocks -> head. " + HOW_TO_PASS_BLOCKS
+            f"find_blocks: parameters {shared[:3]} are used inside the chain of blocks and elsewhere (another "
+            "block, or between blocks), so the model is not a chain stem -> blocks -> head. "
+            + HOW_TO_PASS_BLOCKS
+        )
+    if why_not is not None and _unverified_stem(model, stem, hints):
+        warnings.warn(
+            f"find_blocks: the dry forward that orders stem and head failed ({why_not}); parameters were split by "
+            "registration order, which is wrong for models that register a final norm before their blocks (OPT). "
+            "Pass example_inputs= to find_blocks to fix it.",
+            stacklevel=2,
+        )
+    if traced is not None and traced.side_inputs:
+        source, target, argument = traced.side_inputs[0]
+        warnings.warn(
+            f"find_blocks: block {source!r} returns a trainable tensor besides its output that {target!r} reads as "
+            f"{argument!r} (T5's relative position bias is one): the parameters that compute it reach the loss "
+            "around the residual stream, so fsf_ratio drifts from 1 for the blocks in between. Freeze them "
+            "(requires_grad_(False)) to make the chain exact.",
+            stacklevel=2,
         )
     return BlockLayout(
         blocks=resolved,
         block_params=block_params,
-        stem_params=[(n, p) for n, p in stem if id(p) not in tied_ids],
-        head_params=[(n, p) for n, p in head if id(p) not in tied_ids],
+        stem_params=stem,
+        head_params=head,
         tied=tied,
+        traced=traced is not None,
     )
+
+
+def _unverified_stem(model: nn.Module, stem: list[tuple[str, nn.Parameter]], hints: dict[int, str]) -> bool:
+    """Whether registration order put in the stem a parameter that is not the input embeddings."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return any(id(modules[_owner_module_name(n)]) not in hints for n, _ in stem)
+
+
+# --- what a block reads and returns -------------------------------------------------------------------------------
 
 
 def block_output(output: object) -> torch.Tensor | None:
