@@ -148,7 +148,8 @@ class FeatureSpeedProbe:
     `find_blocks`), module names, or modules. strict: raise on user errors (a non-scalar loss, an optimizer that
     changed nothing); False (used inside training) warns and marks the step invalid instead.
     grad_average: under torch.distributed, gradients are averaged over ranks (DDP), so the backward pass of the
-    global loss on this rank's slice is b / world_size.
+    global loss on this rank's slice is b / world_size. example_inputs / trace: how `find_blocks` orders the
+    parameters outside the blocks (one forward pass on example or dummy inputs; trace=False: registration order).
     """
 
     def __init__(
@@ -158,9 +159,11 @@ class FeatureSpeedProbe:
         *,
         strict: bool = True,
         grad_average: bool = True,
+        example_inputs: object = None,
+        trace: bool = True,
     ) -> None:
         self.model = unwrap_model(model)
-        self.layout: BlockLayout = find_blocks(self.model, blocks)
+        self.layout: BlockLayout = find_blocks(self.model, blocks, example_inputs=example_inputs, trace=trace)
         self.strict = strict
         self.grad_average = grad_average
         self._step: _Step | None = None
@@ -618,7 +621,12 @@ class FeatureSpeedProbe:
             raw += acc_list[_UPD] + acc_list[_DOT]
         if loss_value is not None:
             raw.append(loss_value)
-        valid = all(math.isfinite(v) for v in raw) and math.isfinite(scale) and step.failed is None and not nothing_moved
+        valid = (
+            all(math.isfinite(v) for v in raw)
+            and math.isfinite(scale)
+            and step.failed is None
+            and not nothing_moved
+        )
         if step.failed is not None:
             warnings.warn(
                 f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=3

@@ -86,10 +86,49 @@ class TiedLM(nn.Module):
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+class ConvBlock(nn.Module):
+    def __init__(self, channels: int, length: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(length)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + 0.5 * self.conv(torch.tanh(self.norm(h)))
+
+
+class ConvClassifier(nn.Module):
+    """1-D convolutional residual blocks with LayerNorm, dropout before the readout, cross-entropy."""
+
+    def __init__(self, channels: int = 8, length: int = 12, classes: int = 3, depth: int = 3):
+        super().__init__()
+        self.inp = nn.Conv1d(2, channels, 1)
+        self.layers = nn.ModuleList(ConvBlock(channels, length) for _ in range(depth))
+        self.drop = nn.Dropout(0.2)
+        self.out = nn.Linear(channels * length, classes)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        h = self.inp(x)
+        feats = []
+        for layer in self.layers:
+            h = layer(h)
+            feats.append(h)
+        return self.out(self.drop(h).flatten(1)), feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0]
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, targets)
+
+
 def make_case(name: str, seed: int = 0):
-    """(model, inputs, targets) in float64 for one of: mlp, resnet, tied, dropout."""
+    """(model, inputs, targets) in float64 for one of: mlp, resnet, tied, dropout, conv."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    if name == "conv":
+        x = torch.randn(10, 2, 12, generator=g, dtype=torch.float64)
+        return ConvClassifier().double(), x, torch.randint(0, 3, (10,), generator=g)
     if name == "tied":
         model = TiedLM().double()
         ids = torch.randint(0, 30, (4, 8), generator=g)

@@ -21,8 +21,9 @@ OPTIMIZERS = {
     "momentum": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-6),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-6),
 }
-CASES = ["mlp", "resnet", "tied", "dropout"]
+CASES = ["mlp", "resnet", "tied", "dropout", "conv"]
 
 
 class _Features(torch.nn.Module):
