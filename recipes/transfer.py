@@ -1,0 +1,591 @@
+"""Recipe: μTransfer-style benchmark. Does the best learning rate stay put when the model grows?
+
+For each task, sweep (width at fixed depth, depth at fixed width) and parametrization, train every size over a
+geometric grid of learning rates (FSC: of its `rate`) with several seeds, and measure the held-out loss:
+
+    python recipes/transfer.py --quick                       # small grid, ~1-2 minutes on 2 cores
+    python recipes/transfer.py --tasks teacher --sweeps width,depth --steps 300 --seeds 2 --workers 2
+
+Tasks: "teacher" (ResNet on a TeacherStream: fresh samples every step, a held-out set from the same distribution,
+a loss floor of noise²), "gpt2" (GPT-2-style byte LM on the stdlib corpus, less than one epoch), "digits"
+(scikit-learn's digits, real data; it memorizes quickly, so its test *accuracy* is the number to read).
+
+Parametrizations:
+  standard   AdamW, one learning rate, PyTorch/He init; ResNet branch β = 1/√2 (constant), GPT-2 as in HF.
+  mup        μP through the `mup` package: MuReadout (GPT-2: tied MuSharedReadout, attention scale 1/head_dim,
+             hidden weights re-initialized with variance ∝ 1/width), set_base_shapes, MuAdamW. Base width: the
+             smallest width of the sweep.
+  depth-mup  μP with branch β = 1/√L, and hidden (block) learning rates × √(L_base/L), the Adam rule of depth-μP
+             (Yang et al. 2023, Tensor Programs VI); L_base is the smallest depth of the sweep.
+  fsc        hf_fsf.FSCOptimizer over AdamW (base lr 1e-3), β = 1/√L; the swept setting is FSC's `rate`.
+
+Outputs in --out-dir: transfer_runs.csv (every run), transfer_summary.csv (columns
+task,sweep,parametrization,size,optimal_lr,best_loss,drift,regret), transfer_summary.md (with digits' test
+accuracy), and one loss-vs-learning-rate figure per task and sweep (one panel per parametrization, one curve per
+size). Every loss is a held-out loss averaged over the seeds; a diverged run counts as +inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PARAMETRIZATIONS = ("standard", "mup", "depth-mup", "fsc")
+TASKS = ("teacher", "gpt2", "digits")
+SWEEPS = ("width", "depth")
+SUMMARY_COLUMNS = ("task", "sweep", "parametrization", "size", "optimal_lr", "best_loss", "drift", "regret")
+STANDARD_BETA = 1 / math.sqrt(2)  # the constant branch of standard / μP ResNets: f <- (f + W φ(f))/√2
+FSC_BASE_LR = 1e-3  # the base AdamW's own lr under FSC: only the reference step (FSC rescales it every step)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task's grid: sizes, the fixed width/depth of the other sweep, steps, batch, lr grid centers."""
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    fixed_width: int
+    fixed_depth: int
+    steps: int
+    batch_size: int
+    centers: dict  # parametrization -> center of the geometric lr grid
+    block_size: int = 64  # gpt2 only
+    eval_size: int = 2048  # held-out samples (teacher) or blocks (gpt2)
+
+
+FULL = {
+    "teacher": TaskSpec(
+        (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 300, 64,
+        {"standard": 3e-3, "mup": 3e-3, "depth-mup": 3e-3, "fsc": 0.03},
+    ),
+    "gpt2": TaskSpec(
+        (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
+        {"standard": 3e-3, "mup": 1e-2, "depth-mup": 1e-2, "fsc": 0.03}, eval_size=64,
+    ),
+    "digits": TaskSpec(
+        (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 200, 64,
+        {"standard": 1e-3, "mup": 1e-3, "depth-mup": 1e-3, "fsc": 0.03},
+    ),
+}  # fmt: skip
+QUICK = {
+    "teacher": replace(FULL["teacher"], widths=(32, 128), depths=(4, 16), fixed_width=32, fixed_depth=4, steps=60),
+    "gpt2": replace(
+        FULL["gpt2"], widths=(32, 64), depths=(2, 4), fixed_width=32, fixed_depth=2, steps=15, batch_size=8,
+        block_size=32, eval_size=16,
+    ),
+    "digits": replace(FULL["digits"], widths=(32, 128), depths=(4, 16), fixed_width=32, fixed_depth=4, steps=60),
+}  # fmt: skip
+FULL_LR_POINTS, FULL_LR_FACTOR = 13, math.sqrt(2)  # √2 steps resolve a drift of 2; 64x range
+QUICK_LR_POINTS, QUICK_LR_FACTOR = 3, 4.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    sweep: str
+    parametrization: str
+    width: int
+    depth: int
+    lr: float
+    seed: int
+    steps: int
+    batch_size: int
+    base_width: int  # μP base shapes
+    base_depth: int  # depth-μP's reference depth
+    block_size: int = 64
+    eval_size: int = 2048
+
+    @property
+    def size(self) -> int:
+        return self.width if self.sweep == "width" else self.depth
+
+
+@dataclass
+class RunResult:
+    task: str
+    sweep: str
+    parametrization: str
+    size: int
+    lr: float
+    seed: int
+    loss: float  # held-out loss at the end of training (+inf when training diverged)
+    accuracy: float  # held-out accuracy (digits), nan otherwise
+    train_loss_first: float
+    train_loss_last: float
+    seconds: float
+
+
+@dataclass
+class SummaryRow:
+    task: str
+    sweep: str
+    parametrization: str
+    size: int
+    optimal_lr: float
+    best_loss: float
+    drift: float  # max / min optimal setting over the sizes of the sweep
+    regret: float  # loss at the largest size with the smallest size's optimum / best loss at the largest size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and optimizers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _beta(parametrization: str, depth: int) -> float | str:
+    return "1/sqrt(L)" if parametrization in ("depth-mup", "fsc") else STANDARD_BETA
+
+
+def build_resnet(parametrization: str, width: int, depth: int, d_in: int, d_out: int) -> nn.Module:
+    """The hf_fsf ResNet for a parametrization (μP variants get a MuReadout; base shapes are set by the caller)."""
+    from hf_fsf.models import ResNet
+
+    scaling = "fsc" if parametrization == "fsc" else "standard"
+    model = ResNet(d_in, width, depth, d_out, beta=_beta(parametrization, depth), scaling=scaling)
+    if parametrization in ("mup", "depth-mup"):
+        from mup import MuReadout
+
+        readout = MuReadout(width, d_out, bias=False, readout_zero_init=False)
+        with torch.no_grad():
+            readout.weight.copy_(model.readout.weight)  # σ = 1/√m; set_base_shapes rescales it to μP
+        model.readout = readout
+    return model
+
+
+def _block_param_ids(model: nn.Module) -> set[int]:
+    """Parameters inside the residual blocks (ResNet `blocks`, GPT-2 `transformer.h`)."""
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.blocks
+    return {id(p) for p in blocks.parameters()}
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (standard), MuAdamW (μP; depth-μP with block lrs × √(L_base/L)), or FSCOptimizer over AdamW."""
+    if cfg.parametrization == "standard":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.parametrization == "fsc":
+        from hf_fsf.control import FSCOptimizer
+
+        return FSCOptimizer(model, base=torch.optim.AdamW, rate=cfg.lr, lr=FSC_BASE_LR, weight_decay=0.0)
+    from mup import MuAdamW
+
+    factor = math.sqrt(cfg.base_depth / cfg.depth) if cfg.parametrization == "depth-mup" else 1.0
+    inside = _block_param_ids(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in inside], "lr": cfg.lr * factor},
+        {"params": [p for p in params if id(p) not in inside], "lr": cfg.lr},
+    ]
+    return MuAdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.0)
+
+
+def _set_mup_shapes(model: nn.Module, build: Callable[[int], nn.Module], base_width: int, **kw) -> None:
+    """set_base_shapes against the base width (and 2x it as the delta that marks which dims grow)."""
+    from mup import set_base_shapes
+
+    set_base_shapes(model, build(base_width), delta=build(2 * base_width), **kw)
+
+
+def build_gpt2(cfg: RunConfig, width: int | None = None, shapes: bool = True) -> nn.Module:
+    """GPT-2-style byte LM (4 heads, no dropout, tied embeddings) for a parametrization."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_fsf.residual import apply_branch_scaling
+
+    width = cfg.width if width is None else width
+    config = GPT2Config(
+        vocab_size=256, n_positions=cfg.block_size, n_embd=width, n_layer=cfg.depth, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=None,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    if cfg.parametrization in ("depth-mup", "fsc"):
+        apply_branch_scaling(model, "1/sqrt(L)")
+    if cfg.parametrization in ("mup", "depth-mup"):
+        from mup import MuSharedReadout
+
+        for block in model.transformer.h:
+            block.attn.scaling = 1.0 / block.attn.head_dim  # μP attention: 1/d_head, not 1/√d_head
+            with (
+                torch.no_grad()
+            ):  # hidden matrices: variance ∝ 1/width, equal to HF's 0.02² at the base width
+                std = config.initializer_range * math.sqrt(cfg.base_width / width)
+                for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    module.weight.normal_(0.0, std)
+        model.lm_head = MuSharedReadout(model.transformer.wte.weight, bias=False)
+        if shapes:
+            # rescale_params=False: the tied embedding is an input weight and must not be rescaled as a readout.
+            _set_mup_shapes(
+                model, lambda w: build_gpt2(cfg, width=w, shapes=False), cfg.base_width, rescale_params=False
+            )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training one configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    from hf_fsf.control import FSCOptimizer
+
+    if isinstance(optimizer, FSCOptimizer):
+        optimizer.step(loss=loss.detach())
+    else:
+        optimizer.step()
+
+
+def _train_loop(model, optimizer, batches: Iterable, loss_fn) -> tuple[float, float, bool]:
+    """Train over the batches; returns (first, last train loss, diverged)."""
+    first = last = math.nan
+    for i, batch in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        value = loss.item()
+        if not math.isfinite(value) or (i > 0 and value > 1e3 * max(first, 1e-8)):
+            return first, value, True
+        first = value if i == 0 else first
+        last = value
+        loss.backward()
+        _optimizer_step(optimizer, loss)
+    return first, last, False
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _cross_entropy(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _lm_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+def run_one(cfg: RunConfig) -> RunResult:
+    """Train one (task, parametrization, size, lr, seed) and measure its held-out loss."""
+    import warnings
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*FSCOptimizer.*")  # skipped steps are counted as divergence
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(1000 + cfg.seed)
+    accuracy = math.nan
+    if cfg.task in ("teacher", "digits"):
+        if cfg.task == "teacher":
+            from hf_fsf.data import TeacherStream
+
+            stream = TeacherStream(32, 4, noise=0.3, seed=0)
+            d_in, d_out, loss_fn = 32, 4, _mse
+            batches = (stream.sample(cfg.batch_size, gen) for _ in range(cfg.steps))
+            held_out = stream.sample(cfg.eval_size, torch.Generator().manual_seed(12345))
+        else:
+            from hf_fsf.data import load_digits_tensors
+
+            data = load_digits_tensors()
+            d_in, d_out, loss_fn = 64, 10, _cross_entropy
+            n = data.x_train.shape[0]
+            idx = (torch.randint(n, (cfg.batch_size,), generator=gen) for _ in range(cfg.steps))
+            batches = ((data.x_train[i], data.y_train[i]) for i in idx)
+            held_out = (data.x_test, data.y_test)
+        model = build_resnet(cfg.parametrization, cfg.width, cfg.depth, d_in, d_out)
+        if cfg.parametrization in ("mup", "depth-mup"):
+            _set_mup_shapes(
+                model,
+                lambda w: build_resnet(cfg.parametrization, w, cfg.depth, d_in, d_out),
+                cfg.base_width,
+            )
+    elif cfg.task == "gpt2":
+        splits = _lm_splits(cfg.block_size)
+        need = cfg.steps * cfg.batch_size
+        if need > len(splits.train):
+            raise ValueError(
+                f"gpt2: {cfg.steps} steps x {cfg.batch_size} blocks exceed one epoch ({len(splits.train)} blocks); "
+                "lower --steps or raise the corpus size."
+            )
+        order = torch.randperm(len(splits.train), generator=gen)[:need].view(cfg.steps, cfg.batch_size)
+        train = splits.train
+        batches = (torch.stack([train[int(j)]["input_ids"] for j in row]) for row in order)
+        held_out = torch.stack([splits.validation[j]["input_ids"] for j in range(cfg.eval_size)])
+        model, loss_fn = build_gpt2(cfg), _lm_loss
+    else:
+        raise ValueError(f"unknown task {cfg.task!r}: choose from {TASKS}")
+    model.train()
+    optimizer = make_optimizer(cfg, model)
+    first, last, diverged = _train_loop(model, optimizer, batches, loss_fn)
+    model.eval()
+    with torch.no_grad():
+        if cfg.task == "gpt2":
+            loss = float(_lm_loss(model, held_out))
+        else:
+            out = model(held_out[0])
+            if cfg.task == "digits":
+                loss = float(nn.functional.cross_entropy(out, held_out[1]))
+                accuracy = float((out.argmax(1) == held_out[1]).float().mean())
+            else:
+                loss = float(nn.functional.mse_loss(out, held_out[1]))
+    if diverged or not math.isfinite(loss):
+        loss = math.inf
+    if hasattr(optimizer, "close"):
+        optimizer.close()
+    return RunResult(
+        cfg.task, cfg.sweep, cfg.parametrization, cfg.size, cfg.lr, cfg.seed, loss, accuracy, first, last,
+        time.perf_counter() - start,
+    )  # fmt: skip
+
+
+_LM_CACHE: dict = {}
+
+
+def _lm_splits(block_size: int):
+    if block_size not in _LM_CACHE:
+        from hf_fsf.data import load_text_dataset
+
+        _LM_CACHE[block_size] = load_text_dataset("stdlib", block_size, max_bytes=3_000_000)
+    return _LM_CACHE[block_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grid and summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lr_grid(center: float, points: int, factor: float) -> list[float]:
+    """`points` learning rates center·factor^k, k centered on 0."""
+    half = (points - 1) / 2
+    return [center * factor ** (k - half) for k in range(points)]
+
+
+def build_configs(
+    tasks: Sequence[str],
+    sweeps: Sequence[str],
+    parametrizations: Sequence[str],
+    specs: dict[str, TaskSpec],
+    seeds: int,
+    lr_points: int,
+    lr_factor: float,
+    steps: int | None = None,
+) -> list[RunConfig]:
+    configs = []
+    for task in tasks:
+        spec = specs[task]
+        for sweep in sweeps:
+            sizes = spec.widths if sweep == "width" else spec.depths
+            for param in parametrizations:
+                for size in sizes:
+                    width, depth = (size, spec.fixed_depth) if sweep == "width" else (spec.fixed_width, size)
+                    for lr in lr_grid(spec.centers[param], lr_points, lr_factor):
+                        for seed in range(seeds):
+                            configs.append(
+                                RunConfig(
+                                    task, sweep, param, width, depth, lr, seed, steps or spec.steps,
+                                    spec.batch_size, base_width=min(spec.widths[0], spec.fixed_width),
+                                    base_depth=min(spec.depths[0], spec.fixed_depth),
+                                    block_size=spec.block_size, eval_size=spec.eval_size,
+                                )
+                            )  # fmt: skip
+    return configs
+
+
+def mean_losses(results: Iterable[RunResult]) -> dict[tuple, dict[int, dict[float, float]]]:
+    """{(task, sweep, parametrization): {size: {lr: held-out loss averaged over seeds}}} (any inf -> inf)."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        acc[(r.task, r.sweep, r.parametrization, r.size, r.lr)].append(r.loss)
+    table: dict[tuple, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (task, sweep, param, size, lr), losses in acc.items():
+        table[(task, sweep, param)][size][lr] = sum(losses) / len(losses)
+    return table
+
+
+def summarize(table: dict[tuple, dict[int, dict[float, float]]]) -> list[SummaryRow]:
+    """Optimal lr and best loss per size, and per (task, sweep, parametrization) the drift and the regret.
+
+    drift = max/min over sizes of the optimal lr; regret = loss at the largest size with the smallest size's
+    optimal lr / best loss at the largest size (inf when that setting diverged there, nan when it was not run).
+    """
+    rows = []
+    for (task, sweep, param), by_size in table.items():
+        sizes = sorted(by_size)
+        optimum = {s: min(by_size[s], key=lambda lr: (by_size[s][lr], lr)) for s in sizes}
+        best = {s: by_size[s][optimum[s]] for s in sizes}
+        finite = [optimum[s] for s in sizes if math.isfinite(best[s])]
+        drift = max(finite) / min(finite) if finite else math.nan
+        small, large = sizes[0], sizes[-1]
+        transferred = by_size[large].get(optimum[small], math.nan)
+        regret = transferred / best[large] if math.isfinite(best[large]) and best[large] > 0 else math.nan
+        for s in sizes:
+            rows.append(SummaryRow(task, sweep, param, s, optimum[s], best[s], drift, regret))
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence, columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
+    """One figure per (task, sweep): a panel per parametrization, a curve per size (mean held-out loss vs lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task, sweep in sorted({(t, s) for t, s, _ in table}):
+        params = [p for p in PARAMETRIZATIONS if (task, sweep, p) in table]
+        fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False)
+        for ax, param in zip(axes[0], params):
+            by_size = table[(task, sweep, param)]
+            for size in sorted(by_size):
+                lrs = sorted(by_size[size])
+                ax.plot(lrs, [by_size[size][lr] for lr in lrs], marker="o", ms=3, label=f"{sweep} {size}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("FSC rate" if param == "fsc" else "learning rate")
+            ax.set_title(param)
+        axes[0][0].set_ylabel("held-out loss")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{task}: {sweep} sweep")
+        fig.tight_layout()
+        path = out_dir / f"transfer_{task}_{sweep}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def markdown_summary(rows: Sequence[SummaryRow], results: Sequence[RunResult], command: str) -> str:
+    """The summary as a markdown table (digits: mean test accuracy at the optimal lr added)."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        acc[(r.task, r.sweep, r.parametrization, r.size, r.lr)].append(r.accuracy)
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| task | sweep | parametrization | size | optimal lr | best loss | drift | regret | test acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        a = acc.get((row.task, row.sweep, row.parametrization, row.size, row.optimal_lr), [math.nan])
+        mean_acc = sum(a) / len(a)
+        lines.append(
+            f"| {row.task} | {row.sweep} | {row.parametrization} | {row.size} | {_fmt(row.optimal_lr)} | "
+            f"{_fmt(row.best_loss)} | {_fmt(row.drift)} | {_fmt(row.regret)} | "
+            f"{'' if math.isnan(mean_acc) else f'{mean_acc:.3f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_all(
+    configs: Sequence[RunConfig], workers: int, log: Callable[[str], None] = print
+) -> list[RunResult]:
+    if workers <= 1:
+        return [_logged(run_one(c), log) for c in configs]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return [_logged(r, log) for r in pool.imap(run_one, configs)]
+
+
+def _logged(r: RunResult, log: Callable[[str], None]) -> RunResult:
+    log(
+        f"{r.task:7s} {r.sweep:5s} {r.parametrization:9s} size={r.size:<5d} lr={r.lr:.3g} seed={r.seed} "
+        f"held-out={r.loss:.4g} train {r.train_loss_first:.3g}->{r.train_loss_last:.3g} ({r.seconds:.1f}s)"
+    )
+    return r
+
+
+def _csv_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(
+            f"--{what}: unknown {bad or text!r}; choose a comma-separated subset of {list(allowed)}"
+        )
+    return items
+
+
+def _int_list(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(t) for t in text.split(","))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small grid (sizes x2 apart, lr x4 apart, 3 points)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
+    p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {SWEEPS}")
+    p.add_argument("--parametrizations", default=",".join(PARAMETRIZATIONS))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: per task)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (>= 2 for the summary)")
+    p.add_argument("--widths", default=None, help="override the width sweep, e.g. 64,128,256")
+    p.add_argument("--depths", default=None, help="override the depth sweep, e.g. 4,8,16")
+    p.add_argument("--lr-points", type=int, default=None, help="grid size (default 13 full, 3 quick)")
+    p.add_argument("--lr-factor", type=float, default=None, help="grid ratio (default √2 full, 4 quick)")
+    p.add_argument("--workers", type=int, default=2, help="processes (each with one torch thread)")
+    p.add_argument("--out-dir", default="transfer_out")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
+        raise SystemExit("--seeds and --steps must be positive integers")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
+    args = parse_args(argv)
+    tasks = _csv_list(args.tasks, TASKS, "tasks")
+    sweeps = _csv_list(args.sweeps, SWEEPS, "sweeps")
+    params = _csv_list(args.parametrizations, PARAMETRIZATIONS, "parametrizations")
+    specs = dict(QUICK if args.quick else FULL)
+    for task in tasks:
+        widths, depths = _int_list(args.widths), _int_list(args.depths)
+        specs[task] = replace(
+            specs[task], widths=widths or specs[task].widths, depths=depths or specs[task].depths
+        )
+    points = args.lr_points or (QUICK_LR_POINTS if args.quick else FULL_LR_POINTS)
+    factor = args.lr_factor or (QUICK_LR_FACTOR if args.quick else FULL_LR_FACTOR)
+    configs = build_configs(tasks, sweeps, params, specs, args.seeds, points, factor, args.steps)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{len(configs)} runs, {args.workers} worker(s) -> {out}", flush=True)
+    results = run_all(configs, args.workers, log=lambda s: print(s, flush=True))
+    write_csv(out / "transfer_runs.csv", results, [f.name for f in fields(RunResult)])
+    table = mean_losses(results)
+    rows = summarize(table)
+    write_csv(out / "transfer_summary.csv", rows, SUMMARY_COLUMNS)
+    command = "python recipes/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "transfer_summary.md").write_text(markdown_summary(rows, results, command))
+    plot_sweeps(table, out)
+    for row in rows:
+        edge = row.optimal_lr in (min(table[(row.task, row.sweep, row.parametrization)][row.size]),
+                                  max(table[(row.task, row.sweep, row.parametrization)][row.size]))  # fmt: skip
+        if edge and math.isfinite(row.best_loss):
+            print(
+                f"warning: {row.task}/{row.sweep}/{row.parametrization} size {row.size}: optimum at the grid edge"
+            )
+    print((out / "transfer_summary.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

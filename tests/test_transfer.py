@@ -1,0 +1,117 @@
+"""The μTransfer benchmark recipe: summary arithmetic on a synthetic table, every parametrization trains, CSV."""
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("transfer_recipe", ROOT / "recipes" / "transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+transfer = _load()
+
+
+def _result(size, lr, seed, loss, param="mup"):
+    return transfer.RunResult("teacher", "width", param, size, lr, seed, loss, math.nan, 1.0, loss, 0.0)
+
+
+def test_summary_drift_and_regret_from_a_synthetic_table():
+    lrs = [0.001, 0.002, 0.004, 0.008]
+    # Per size, loss per lr for two seeds; the seed mean picks the optimum, not one seed.
+    losses = {
+        64: {0.001: (0.5, 0.7), 0.002: (0.2, 0.4), 0.004: (0.1, 0.9), 0.008: (0.8, 0.8)},  # means .6 .3 .5 .8
+        256: {
+            0.001: (0.9, 0.9),
+            0.002: (0.5, 0.5),
+            0.004: (0.4, 0.2),
+            0.008: (math.inf, 0.1),
+        },  # .9 .5 .3 inf
+        1024: {0.001: (1.0, 1.0), 0.002: (0.44, 0.44), 0.004: (0.6, 0.6), 0.008: (0.4, 0.4)},  # 1 .44 .6 .4
+    }
+    results = [
+        _result(size, lr, seed, losses[size][lr][seed]) for size in losses for lr in lrs for seed in (0, 1)
+    ]
+    rows = transfer.summarize(transfer.mean_losses(results))
+    by_size = {r.size: r for r in rows}
+    assert [r.size for r in rows] == [64, 256, 1024]
+    assert by_size[64].optimal_lr == 0.002 and by_size[64].best_loss == pytest.approx(0.3)
+    assert by_size[256].optimal_lr == 0.004 and by_size[256].best_loss == pytest.approx(0.3)
+    assert by_size[1024].optimal_lr == 0.008 and by_size[1024].best_loss == pytest.approx(0.4)
+    for r in rows:  # drift = 0.008 / 0.002; regret = loss(1024, lr*(64)) / best(1024) = 0.44 / 0.4
+        assert r.drift == pytest.approx(4.0)
+        assert r.regret == pytest.approx(1.1)
+
+
+def test_summary_diverged_transfer_is_infinite_regret():
+    results = [_result(8, 0.1, s, 0.2) for s in (0, 1)] + [_result(8, 0.2, s, 0.5) for s in (0, 1)]
+    results += [_result(32, 0.1, 0, math.inf), _result(32, 0.1, 1, 0.1)]
+    results += [_result(32, 0.2, s, 0.25) for s in (0, 1)]
+    rows = transfer.summarize(transfer.mean_losses(results))
+    assert all(r.regret == math.inf for r in rows)
+    assert all(r.drift == pytest.approx(2.0) for r in rows)
+
+
+def test_lr_grid_is_geometric_and_centered():
+    grid = transfer.lr_grid(0.01, 5, math.sqrt(2))
+    assert grid[2] == pytest.approx(0.01)
+    assert all(b / a == pytest.approx(math.sqrt(2)) for a, b in zip(grid, grid[1:]))
+
+
+@pytest.mark.parametrize("task", ["teacher", "gpt2"])
+@pytest.mark.parametrize("param", transfer.PARAMETRIZATIONS)
+def test_every_parametrization_trains(task, param):
+    spec = transfer.QUICK[task]
+    steps = 40 if task == "teacher" else 12
+    cfg = transfer.RunConfig(
+        task, "width", param, 2 * spec.widths[0], spec.fixed_depth, spec.centers[param], 0, steps,
+        spec.batch_size, spec.widths[0], spec.depths[0], spec.block_size, spec.eval_size,
+    )  # fmt: skip
+    r = transfer.run_one(cfg)
+    assert math.isfinite(r.loss)
+    assert r.train_loss_last < 0.9 * r.train_loss_first
+    assert r.loss < 0.9 * r.train_loss_first  # the held-out loss moved too
+
+
+def test_mup_gpt2_has_the_mup_pieces():
+    from mup import MuSharedReadout
+
+    spec = transfer.QUICK["gpt2"]
+    cfg = transfer.RunConfig("gpt2", "width", "mup", 64, 2, 0.01, 0, 1, 2, 32, 2, spec.block_size, 4)
+    model = transfer.build_gpt2(cfg)
+    assert isinstance(model.lm_head, MuSharedReadout)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, and not rescaled
+    assert model.lm_head.width_mult() == pytest.approx(2.0)
+    attn = model.transformer.h[0].attn
+    assert attn.scaling == pytest.approx(1 / attn.head_dim)
+    std = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(2), rel=0.1)
+
+
+def test_quick_run_writes_the_summary_csv(tmp_path):
+    rows = transfer.main(
+        [
+            "--quick", "--tasks", "teacher,digits", "--sweeps", "width", "--parametrizations", "standard,fsc",
+            "--steps", "8", "--seeds", "2", "--lr-points", "2", "--workers", "1", "--out-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    with open(tmp_path / "transfer_summary.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == transfer.SUMMARY_COLUMNS
+        lines = list(reader)
+    assert len(lines) == len(rows) == 2 * 2 * 2  # tasks x parametrizations x sizes
+    assert {line["task"] for line in lines} == {"teacher", "digits"}
+    assert (tmp_path / "transfer_teacher_width.png").exists()
+    with open(tmp_path / "transfer_runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 2 * 2 * 2 * 2  # x lrs x seeds
+    assert "test acc" in (tmp_path / "transfer_summary.md").read_text()
