@@ -68,7 +68,7 @@ class TaskSpec:
 FULL = {
     "teacher": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 300, 64,
-        {"standard": 3e-3, "mup": 3e-3, "depth-mup": 3e-3, "fsc": 0.03},
+        {"standard": 3e-3, "mup": 6e-3, "depth-mup": 3e-3, "fsc": 0.04},
     ),
     "gpt2": TaskSpec(
         (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
@@ -541,6 +541,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (>= 2 for the summary)")
     p.add_argument("--widths", default=None, help="override the width sweep, e.g. 64,128,256")
     p.add_argument("--depths", default=None, help="override the depth sweep, e.g. 4,8,16")
+    p.add_argument("--fixed-width", type=int, default=None, help="width of the depth sweep")
+    p.add_argument("--fixed-depth", type=int, default=None, help="depth of the width sweep")
+    p.add_argument("--centers", default=None, help="lr grid centers, e.g. standard=3e-3,fsc=0.04")
     p.add_argument("--lr-points", type=int, default=None, help="grid size (default 13 full, 3 quick)")
     p.add_argument("--lr-factor", type=float, default=None, help="grid ratio (default √2 full, 4 quick)")
     p.add_argument("--workers", type=int, default=2, help="processes (each with one torch thread)")
@@ -559,8 +562,23 @@ def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
     specs = dict(QUICK if args.quick else FULL)
     for task in tasks:
         widths, depths = _int_list(args.widths), _int_list(args.depths)
+        spec = specs[task]
+        centers = dict(spec.centers)
+        for item in (args.centers or "").split(","):
+            if item.strip():
+                name, _, value = item.partition("=")
+                if name.strip() not in PARAMETRIZATIONS or not value:
+                    raise SystemExit(
+                        f"--centers: {item!r} is not parametrization=value with one of {PARAMETRIZATIONS}"
+                    )
+                centers[name.strip()] = float(value)
         specs[task] = replace(
-            specs[task], widths=widths or specs[task].widths, depths=depths or specs[task].depths
+            spec,
+            widths=widths or spec.widths,
+            depths=depths or spec.depths,
+            fixed_width=args.fixed_width or spec.fixed_width,
+            fixed_depth=args.fixed_depth or spec.fixed_depth,
+            centers=centers,
         )
     points = args.lr_points or (QUICK_LR_POINTS if args.quick else FULL_LR_POINTS)
     factor = args.lr_factor or (QUICK_LR_FACTOR if args.quick else FULL_LR_FACTOR)
