@@ -1,5 +1,6 @@
-"""`hf-fsf demo` (what `make demo` runs): a small GPT-2 trained from scratch with the Trainer, twice — standard
-and with the residual branch scale β = 1/√L — with FeatureSpeedCallback on, and a report comparing the runs.
+"""`hf-fsf demo` (what `make demo` runs): a small GPT-2 trained from scratch with the Trainer, three times —
+standard AdamW, AdamW with the residual branch scale β = 1/√L, and β = 1/√L with FSC control (FSCOptimizer over
+AdamW: balanced per-block contributions, PAPER.md §6) — with FeatureSpeedCallback on, and a report comparing them.
 
 The corpus needs no download: by default the Python standard library's own source files, byte-level.
 """
@@ -17,11 +18,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_fsf.callback import FeatureSpeedCallback
+from hf_fsf.control import FSCOptimizer
 from hf_fsf.data import load_text_dataset
 from hf_fsf.report import write_report
 from hf_fsf.residual import apply_branch_scaling
 
-RUNS = {"standard": None, "beta_1_sqrt_L": "1/sqrt(L)"}
+# run name -> (branch scale β or None, FSC control on)
+RUNS = {"standard": (None, False), "beta_1_sqrt_L": ("1/sqrt(L)", False), "fsc_1_sqrt_L": ("1/sqrt(L)", True)}
 
 
 def build_model(layers: int, width: int, block_size: int, seed: int) -> GPT2LMHeadModel:
@@ -39,7 +42,7 @@ def build_model(layers: int, width: int, block_size: int, seed: int) -> GPT2LMHe
     return GPT2LMHeadModel(config)
 
 
-def train_one(name: str, beta: str | None, args: argparse.Namespace, splits, out: Path) -> dict:
+def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, splits, out: Path) -> dict:
     model = build_model(args.layers, args.width, args.block_size, args.seed)
     if beta is not None:
         apply_branch_scaling(model, beta=beta)
@@ -62,12 +65,29 @@ def train_one(name: str, beta: str | None, args: argparse.Namespace, splits, out
         dataloader_num_workers=0,
     )
     callback = FeatureSpeedCallback(every=1, angle_every=args.angle_every)
+    optimizers = (None, None)
+    if fsc:
+        # AdamW (same lr and weight decay as the other runs) gives the direction; FSC rescales each block's step
+        # so that every block removes the same share of the loss, `--fsc-rate` × loss per step in total. The
+        # Trainer's warm-up + cosine schedule scales that rate. max_scale bounds the rescale to 10x AdamW's step.
+        optimizers = (
+            FSCOptimizer(
+                model,
+                base=torch.optim.AdamW,
+                rate=args.fsc_rate,
+                lr=args.lr,
+                weight_decay=0.1,
+                max_scale=10.0,
+            ),
+            None,
+        )
     trainer = Trainer(
         model=model,
         args=training,
         train_dataset=splits.train,
         eval_dataset=splits.validation,
         callbacks=[callback],
+        optimizers=optimizers,
     )
     start = time.perf_counter()
     trainer.train()
@@ -76,6 +96,7 @@ def train_one(name: str, beta: str | None, args: argparse.Namespace, splits, out
     return {
         "run": name,
         "beta": beta or "1",
+        "control": f"FSC rate {args.fsc_rate:g}" if fsc else "AdamW",
         "eval_loss": eval_loss,
         "train_seconds": seconds,
         "stats": str(out / name / "fsf_stats.jsonl"),
@@ -98,6 +119,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, default=3_000_000)
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks to evaluate on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fsc-rate", type=float, default=0.01, help="FSC run: target loss decrease per step / loss"
+    )
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,12 +135,19 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(
         f"corpus: {splits.source}; {len(splits.train)} training and {len(splits.validation)} validation blocks"
     )
-    results = [train_one(name, beta, args, splits, out) for name, beta in RUNS.items()]
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        parser.error(f"--runs: unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    results = [train_one(name, *RUNS[name], args, splits, out) for name in names]
     report = write_report({r["run"]: r["stats"] for r in results}, out / "report")
-    lines = ["| run | β | held-out loss (nats/byte) | bits/byte | train time (s) |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | β | optimizer | held-out loss (nats/byte) | bits/byte | train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
-            f"| {r['run']} | {r['beta']} | {r['eval_loss']:.4f} | {r['eval_loss'] / math.log(2):.3f} | {r['train_seconds']:.0f} |"
+            f"| {r['run']} | {r['beta']} | {r['control']} | {r['eval_loss']:.4f} | {r['eval_loss'] / math.log(2):.3f} | {r['train_seconds']:.0f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
