@@ -144,7 +144,8 @@ class SummaryRow:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _beta(parametrization: str, depth: int) -> float | str:
+def _beta(parametrization: str) -> float | str:
+    """Branch rule: 1/√L for depth-μP and FSC, the constant 1/√2 otherwise."""
     return "1/sqrt(L)" if parametrization in ("depth-mup", "fsc") else STANDARD_BETA
 
 
@@ -153,7 +154,7 @@ def build_resnet(parametrization: str, width: int, depth: int, d_in: int, d_out:
     from hf_fsf.models import ResNet
 
     scaling = "fsc" if parametrization == "fsc" else "standard"
-    model = ResNet(d_in, width, depth, d_out, beta=_beta(parametrization, depth), scaling=scaling)
+    model = ResNet(d_in, width, depth, d_out, beta=_beta(parametrization), scaling=scaling)
     if parametrization in ("mup", "depth-mup"):
         from mup import MuReadout
 
@@ -449,6 +450,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths = []
     for task, sweep in sorted({(t, s) for t, s, _ in table}):
@@ -461,6 +463,8 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
                 ax.plot(lrs, [by_size[size][lr] for lr in lrs], marker="o", ms=3, label=f"{sweep} {size}")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("FSC rate" if param == "fsc" else "learning rate")
             ax.set_title(param)
         axes[0][0].set_ylabel("held-out loss")
