@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--n-inputs", type=int, default=None, help="batch size of the step (default: 64, quick: 16)"
     )
-    parser.add_argument("--threshold", type=float, default=0.15, help="|exponent| below this counts as Θ(1)")
+    parser.add_argument("--threshold", type=float, default=0.25, help="|exponent| below this counts as Θ(1)")
     parser.add_argument("--master-lr", type=float, default=1e-3, help="master GD step (times each layer's η)")
     parser.add_argument(
         "--max-aspect", type=float, default=0.25, help="fit only points with depth/width ≤ this; 0 = fit all"
