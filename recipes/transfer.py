@@ -450,7 +450,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     paths = []
     for task, sweep in sorted({(t, s) for t, s, _ in table}):
@@ -464,7 +464,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
             ax.set_xlabel("FSC rate" if param == "fsc" else "learning rate")
             ax.set_title(param)
         axes[0][0].set_ylabel("held-out loss")
