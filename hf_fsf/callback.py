@@ -25,10 +25,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 
 from hf_fsf.probe import FeatureSpeedProbe
-from hf_fsf.stats import StepStats
+from hf_fsf.stats import STATS_FILE, StepStats
 
 PREFIX = "fsf"
-STATS_FILE = "fsf_stats.jsonl"
 # Keys shown on the console (all keys still reach the trackers and log_history).
 CONSOLE_KEYS = (
     "cos_theta_min",

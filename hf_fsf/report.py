@@ -29,21 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-STATS_FILENAME = "fsf_stats.jsonl"
-
-# Block fields read from each record (PAPER.md §3); missing ones are NaN.
-BLOCK_FIELDS = (
-    "forward_rms",
-    "backward_norm",
-    "contribution",
-    "loss_decrease",
-    "aligned_speed",
-    "update_norm",
-    "relative_speed",
-    "cos_theta",
-    "sensitivity",
-    "fsf_ratio",
-)
+from hf_fsf.stats import BLOCK_FIELDS  # block fields read from each record; missing ones are NaN
+from hf_fsf.stats import STATS_FILE as STATS_FILENAME
 
 # Quantities averaged in the summary tables: (key, column title).
 SUMMARY_COLUMNS = (

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+# The file a training run writes, one StepStats.to_record() per line (callback), read by the report.
+STATS_FILE = "fsf_stats.jsonl"
+
 BLOCK_FIELDS = (
     "forward_rms",
     "backward_norm",

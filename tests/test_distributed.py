@@ -9,19 +9,10 @@ import sys
 
 import pytest
 
+from hf_fsf.stats import BLOCK_FIELDS
+
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-FIELDS = (
-    "forward_rms",
-    "backward_norm",
-    "contribution",
-    "loss_decrease",
-    "aligned_speed",
-    "update_norm",
-    "relative_speed",
-    "cos_theta",
-    "sensitivity",
-    "fsf_ratio",
-)
+FIELDS = BLOCK_FIELDS
 
 
 def _run(cmd, out):
