@@ -464,7 +464,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
-            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
             ax.set_xlabel("FSC rate" if param == "fsc" else "learning rate")
             ax.set_title(param)
         axes[0][0].set_ylabel("held-out loss")
