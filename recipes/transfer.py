@@ -68,7 +68,7 @@ class TaskSpec:
 FULL = {
     "teacher": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 300, 64,
-        {"standard": 3e-3, "mup": 6e-3, "depth-mup": 3e-3, "fsc": 0.04},
+        {"standard": 3e-3, "mup": 6e-3, "depth-mup": 3e-3, "fsc": 0.1},
     ),
     "gpt2": TaskSpec(
         (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
@@ -76,7 +76,7 @@ FULL = {
     ),
     "digits": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 200, 64,
-        {"standard": 1e-3, "mup": 1e-3, "depth-mup": 1e-3, "fsc": 0.03},
+        {"standard": 4e-3, "mup": 4e-3, "depth-mup": 4e-3, "fsc": 0.25},
     ),
 }  # fmt: skip
 QUICK = {
