@@ -112,7 +112,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         "--dataset", default="stdlib", help="'stdlib', local text files / glob, or a cached `datasets` name"
     )
     # 3 runs × 100 steps: the same step budget as the former 2 × 150, so the demo stays within ~5 min on 2 cores.
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=128)
