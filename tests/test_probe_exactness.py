@@ -22,6 +22,10 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=1e-6),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.1),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-6),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-5),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-6),
+    "nesterov_wd": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-6),
 }
 CASES = ["mlp", "resnet", "tied", "dropout", "conv"]
 
