@@ -74,6 +74,7 @@ class _MicroBatch:
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # f_ℓ before the step (angle only)
     backwards: dict[int, torch.Tensor] = field(default_factory=dict)  # b_ℓ (angle only)
     seen: set[int] = field(default_factory=set)  # blocks captured (gradient checkpointing re-runs them)
+    hooked: set[int] = field(default_factory=set)  # blocks whose output gradient is being captured
     tied: dict[int, tuple[tuple, dict, torch.Tensor]] = field(
         default_factory=dict
     )  # inputs, output of tied stem
@@ -136,26 +137,31 @@ def _grad_dots(
     δw ≪ w. One multiply-and-reduce per parameter (in chunks for huge ones): the temporary stays small and reused,
     which measured ~10× faster on CPU than one fused multiply over the whole group followed by the sums.
     """
-    dots, norms = [], []
+    dots, squares = [], []
     for p in params:
-        g = p.grad
-        if g is None or g.is_sparse:
+        if p.grad is None or p.grad.is_sparse:
             continue
-        g, w = _as_float(g).reshape(-1), _as_float(p.detach()).reshape(-1)
-        for gc, wc in zip(g.split(_DOT_CHUNK), w.split(_DOT_CHUNK)):
-            dots.append(torch.mul(gc, wc).sum(dtype=torch.float64).to(device))
-        norms.append(g)
+        # Chunks of the original tensors, upcast one at a time: no full-size float32 copy of a bf16 gradient.
+        for gc, wc in zip(p.grad.reshape(-1).split(_DOT_CHUNK), p.detach().reshape(-1).split(_DOT_CHUNK)):
+            gc = _as_float(gc)
+            dots.append(torch.mul(gc, _as_float(wc)).sum(dtype=torch.float64).to(device))
+            if with_norms:  # a norm is not a cancelling difference: float32 accumulation is enough
+                squares.append(torch.linalg.vector_norm(gc).to(device=device, dtype=torch.float64).square())
     zero = torch.zeros((), dtype=torch.float64, device=device)
     if not dots:
-        return zero, zero.clone()
-    if not with_norms:
-        return torch.stack(dots).sum(), None
-    sq = (
-        torch.stack([n.to(device=device, dtype=torch.float64) for n in torch._foreach_norm(norms)])
-        .square()
-        .sum()
-    )
-    return torch.stack(dots).sum(), sq
+        return zero, (zero.clone() if with_norms else None)
+    return torch.stack(dots).sum(), (torch.stack(squares).sum() if with_norms else None)
+
+
+def _flat_float64(
+    tensors: list[torch.Tensor | None], like: list[nn.Parameter], device: torch.device
+) -> torch.Tensor:
+    """One float64 vector of `tensors`, with zeros (of the matching parameter's size) where a tensor is None."""
+    parts = [
+        (t if t is not None else torch.zeros_like(p)).detach().double().flatten().to(device)
+        for t, p in zip(tensors, like)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 class FeatureSpeedProbe:
@@ -396,18 +402,19 @@ class FeatureSpeedProbe:
         if step is None or step.current is None:
             return
         micro = step.current
-        if index in micro.seen:
-            return  # gradient checkpointing re-runs the block in the backward pass
         features = block_output(output)
         if features is None:
             return
-        micro.seen.add(index)
-        with torch.no_grad():
-            step.acc[_FWD, index] += _sum_sq(features.detach()).to(self.device)
-            step.numel[index] += features.numel()
-            if step.angle:
-                micro.features[index] = features.detach().clone()
-        if features.requires_grad and torch.is_grad_enabled():
+        if index not in micro.seen:  # gradient checkpointing re-runs blocks in the backward pass: count once
+            micro.seen.add(index)
+            with torch.no_grad():
+                step.acc[_FWD, index] += _sum_sq(features.detach()).to(self.device)
+                step.numel[index] += features.numel()
+                if step.angle:
+                    micro.features[index] = features.detach().clone()
+        # With reentrant checkpointing the first run is under no_grad: the re-run's output carries the gradient.
+        if index not in micro.hooked and features.requires_grad and torch.is_grad_enabled():
+            micro.hooked.add(index)
             features.register_hook(functools.partial(self._on_block_backward, step, micro, index))
 
     @_guarded
@@ -473,15 +480,10 @@ class FeatureSpeedProbe:
     def _gradient_scale(self, step: _Step) -> float:
         """The factor between the gradients in .grad and those of the backward pass (clipping), from a few small
         reference parameters whose backward gradients were kept. 1.0 when nothing rescaled the gradients."""
-        pairs = [
-            (r, p.grad)
-            for r, p in zip(step.reference, self._reference)
-            if r is not None and p.grad is not None
-        ]
-        if not pairs:
-            return 1.0
-        seen = torch.cat([_as_float(r).flatten().double() for r, _ in pairs])
-        final = torch.cat([_as_float(g).flatten().double().to(seen.device) for _, g in pairs])
+        # Every rank reduces the same fixed-length buffer (zeros where a reference got no gradient locally), so
+        # the collective matches even when some parameter is unused on one rank.
+        seen = _flat_float64(step.reference, self._reference, self.device)
+        final = _flat_float64([p.grad for p in self._reference], self._reference, self.device)
         world = self._world()
         if world > 1:
             dist.all_reduce(seen)

@@ -219,3 +219,29 @@ class _Chain(torch.nn.Module):
         for block in self.blocks:
             h = block(torch.relu(h))
         return self.out(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_stats(reentrant):
+    model, x, y = make_case("resnet")
+    twin = copy.deepcopy(model)
+
+    def checkpointed_features(
+        x, m=twin
+    ):  # as HF does: the block's __call__ (and its hooks) inside checkpoint
+        h, feats = m.inp(x), []
+        for block in m.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=reentrant)
+            feats.append(h)
+        return m.out(torch.relu(h)), feats
+
+    twin.features = checkpointed_features
+    results = []
+    for m in (model, twin):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-5)
+        with FeatureSpeedProbe(m) as probe:
+            results.append(probe.measure_step(lambda m=m: m.loss(m(x), y), opt, angle=True))
+    plain, checkpointed = results
+    for a, b in zip(plain.blocks, checkpointed.blocks):
+        for field in ("forward_rms", "backward_norm", "contribution", "update_norm", "cos_theta"):
+            assert rel(getattr(b, field), getattr(a, field)) < 1e-10, (field, reentrant)
