@@ -110,15 +110,21 @@ class FeatureSpeedCallback(TrainerCallback):
             warnings.warn(f"FeatureSpeedCallback disabled: {error}", stacklevel=2)
             self.probe = None
             return
+        if getattr(args, "fp16", False):
+            warnings.warn(
+                "FeatureSpeedCallback: fp16 training scales the loss (GradScaler), so backward norms, contributions and "
+                "sensitivities are off by the loss scale; use bf16, or read only cos θ and relative speed.",
+                stacklevel=2,
+            )
         self._jsonl = os.path.join(args.output_dir, STATS_FILE)
         if state.is_world_process_zero:
             self._truncate_after(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         step = state.global_step  # steps done so far; this step will be number step + 1
-        self._measuring = self.probe is not None and step % self.every == 0
+        angle = self.angle_every > 0 and step % self.angle_every == 0
+        self._measuring = self.probe is not None and (step % self.every == 0 or angle)
         if self._measuring:
-            angle = self.angle_every > 0 and step % self.angle_every == 0
             self._guard(self.probe.begin_step, angle=angle)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -209,7 +215,15 @@ class FeatureSpeedCallback(TrainerCallback):
         """On resume, drop records of steps after the checkpoint: they are measured again."""
         if not os.path.exists(self._jsonl):
             return
+        kept = []
         with open(self._jsonl) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self._jsonl, "w") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short when a run was killed
+        tmp = self._jsonl + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, self._jsonl)

@@ -186,7 +186,9 @@ def test_bf16_autocast_accuracy(tmp_path):
     records = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         model = tiny_gpt2(dropout=0.1).float()
-        args = training_args(tmp_path / name, bf16=bf16, max_steps=3, learning_rate=1e-4, per_device_train_batch_size=8)
+        args = training_args(
+            tmp_path / name, bf16=bf16, max_steps=3, learning_rate=1e-4, per_device_train_batch_size=8
+        )
         cb = FeatureSpeedCallback(angle_every=1, figures=False)
         Trainer(model=model, args=args, train_dataset=token_data(40), callbacks=[cb]).train()
         records[name] = read_jsonl(tmp_path / name)
@@ -203,3 +205,14 @@ def test_report_written_at_train_end(tmp_path):
     report = tmp_path / "fsf_report"
     assert (report / "report.md").exists()
     assert list(report.rglob("*.png"))
+
+
+def test_angle_schedule_is_independent_of_every_and_a_cut_line_is_dropped(tmp_path):
+    (tmp_path / "fsf_stats.jsonl").write_text(
+        '{"step": 0, "blocks": []}\n{"step": 3, "blo'
+    )  # a killed run's tail
+    args = training_args(tmp_path, max_steps=7, per_device_train_batch_size=2)
+    cb = FeatureSpeedCallback(every=4, angle_every=3, figures=False)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(14), callbacks=[cb]).train()
+    records = read_jsonl(tmp_path)
+    assert [(r["step"], r["angle"]) for r in records[1:]] == [(1, True), (4, True), (5, False), (7, True)]
