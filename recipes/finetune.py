@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 from torch.utils.data import Dataset
-from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, Trainer
 
 import hf_fsf
 from hf_fsf.callback import FeatureSpeedCallback
@@ -32,7 +32,7 @@ from hf_fsf.data import load_text_dataset, stdlib_files
 from hf_fsf.residual import apply_branch_scaling, get_branch_scaling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lm import parse_args  # noqa: E402  (the sibling recipe's config loader)
+from train_lm import parse_args, training_arguments  # noqa: E402  (the sibling recipe's config helpers)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "finetune.yaml"
 ACCURACY_MODULE = Path(hf_fsf.__file__).parent / "metrics" / "accuracy"
@@ -126,25 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if get_branch_scaling(model) is not None:
         apply_branch_scaling(model)  # hooks are not in the state dict; the β record in config.json is
 
-    use_gpu = torch.cuda.is_available()
-    training = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=cfg["max_steps"],
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["batch_size"],
-        learning_rate=cfg["learning_rate"],
-        warmup_steps=max(1, int(cfg["warmup_fraction"] * cfg["max_steps"])),
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        weight_decay=cfg["weight_decay"],
-        max_grad_norm=cfg["max_grad_norm"],
-        logging_steps=cfg["logging_steps"],
-        save_strategy="no",
-        report_to=cfg["report_to"],
-        seed=cfg["seed"],
-        use_cpu=not use_gpu,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        dataloader_num_workers=0,
-    )
+    training = training_arguments(cfg, output_dir)
     trainer = Trainer(
         model=model,
         args=training,

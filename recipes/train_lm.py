@@ -55,6 +55,30 @@ def parse_args(argv: list[str] | None = None, default_config: Path = DEFAULT_CON
     return load_config(args.config, args.overrides)
 
 
+def training_arguments(cfg: dict, output_dir: str | os.PathLike, **extra) -> TrainingArguments:
+    """TrainingArguments from the config keys both recipes share (GPU + bf16 when available, else CPU)."""
+    use_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg["max_steps"],
+        per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"],
+        learning_rate=cfg["learning_rate"],
+        warmup_steps=max(1, int(cfg["warmup_fraction"] * cfg["max_steps"])),
+        lr_scheduler_type=cfg["lr_scheduler_type"],
+        weight_decay=cfg["weight_decay"],
+        max_grad_norm=cfg["max_grad_norm"],
+        logging_steps=cfg["logging_steps"],
+        save_strategy="no",
+        report_to=cfg["report_to"],
+        seed=cfg["seed"],
+        use_cpu=not use_gpu,
+        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs: nothing to download
@@ -87,25 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.get("beta") is not None:
         apply_branch_scaling(model, beta=cfg["beta"])  # stored in model.config, so the checkpoint keeps it
 
-    use_gpu = torch.cuda.is_available()
-    training = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=cfg["max_steps"],
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["batch_size"],
+    training = training_arguments(
+        cfg,
+        output_dir,
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
-        learning_rate=cfg["learning_rate"],
-        warmup_steps=max(1, int(cfg["warmup_fraction"] * cfg["max_steps"])),
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        weight_decay=cfg["weight_decay"],
-        max_grad_norm=cfg["max_grad_norm"],
-        logging_steps=cfg["logging_steps"],
-        save_strategy="no",
-        report_to=cfg["report_to"],
-        seed=cfg["seed"],
-        use_cpu=not use_gpu,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
     callback = FeatureSpeedCallback(every=cfg["fsf_every"], angle_every=cfg["fsf_angle_every"])
