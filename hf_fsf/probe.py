@@ -135,7 +135,7 @@ def _grad_dots(
     The contribution is the difference of ⟨g, w⟩ before and after the step, so the sums are float64 (products of
     float32 numbers rounded once, then summed without further loss): the difference keeps its digits even when
     δw ≪ w. One multiply-and-reduce per parameter (in chunks for huge ones): the temporary stays small and reused,
-    which measured ~10× faster on CPU than one fused multiply over the whole group followed by the sums.
+    which is much faster on CPU than one multiply over the whole group (a group-sized temporary) followed by the sums.
     """
     dots, squares = [], []
     for p in params:

@@ -35,7 +35,9 @@ def test_demo_runs_three_parametrizations_and_writes_the_report(tmp_path, capsys
     for r in results:
         records = [json.loads(line) for line in open(r["stats"])]
         assert [rec["step"] for rec in records] == [1, 2, 3]
-        assert records[2]["angle"] and records[2]["blocks"][0]["cos_theta"] is not None  # steps 1 and 3 (every 2)
+        assert (
+            records[2]["angle"] and records[2]["blocks"][0]["cos_theta"] is not None
+        )  # steps 1 and 3 (every 2)
     report = tmp_path / "report" / "report.md"
     assert report.exists() and "fsc_1_sqrt_L" in report.read_text()
     assert str(report.resolve()) in capsys.readouterr().out

@@ -44,8 +44,11 @@ def test_two_processes_match_one(tmp_path):
     assert len(one) == len(two) == 1
     a, b = one[0], two[0]
     assert a["grad_scale"] < 1.0  # clipping is part of the comparison
-    for key in ("loss", "grad_scale", "stem_contribution", "head_contribution"):
-        assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), key
+    # The loss is float32 (HF's loss upcasts logits to float32, not float64): 1e-5 is the bound.
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    for key in ("grad_scale", "stem_contribution", "head_contribution"):
+        assert abs(a[key] - b[key]) <= 1e-9 * abs(a[key]), key
+    # Block stats are float64 sums over micro-batches and ranks: only the summation order differs.
     for x, y in zip(a["blocks"], b["blocks"]):
         for field in FIELDS:
-            assert abs(x[field] - y[field]) <= 1e-5 * abs(x[field]), (x["name"], field)
+            assert abs(x[field] - y[field]) <= 1e-9 * abs(x[field]), (x["name"], field)

@@ -60,7 +60,9 @@ def test_optimizer_that_does_not_step_is_reported():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with FeatureSpeedProbe(model) as probe, pytest.raises(RuntimeError, match="changed no parameter"):
         probe.measure_step(lambda: model.loss(model(x), y), opt)
-    with FeatureSpeedProbe(model, strict=False) as probe:  # inside training: lr = 0 at warm-up start is normal
+    with FeatureSpeedProbe(
+        model, strict=False
+    ) as probe:  # inside training: lr = 0 at warm-up start is normal
         stats = probe.measure_step(lambda: model.loss(model(x), y), opt)
     assert not stats.valid
 

@@ -26,6 +26,8 @@ OPTIMIZERS = {
     "nadam": lambda p: torch.optim.NAdam(p, lr=1e-6),
     "nesterov_wd": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=0.01),
     "radam": lambda p: torch.optim.RAdam(p, lr=1e-6),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-6),
+    "adadelta": lambda p: torch.optim.Adadelta(p, lr=1e-3),
 }
 CASES = ["mlp", "resnet", "tied", "dropout", "conv"]
 
