@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             f"processes: {training.world_size}; corpus: {splits.source}; eval_loss {metrics['eval_loss']:.4f} nats/byte"
         )
         print(f"model: {output_dir / 'final'}; stats: {output_dir / 'fsf_stats.jsonl'}")
+    # The Trainer leaves the process group open; tearing it down at interpreter exit can abort a gloo rank.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import torch  # noqa: E402
 from trainer_setup import tiny_gpt2, token_data, training_args  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
@@ -26,6 +27,9 @@ def main(out: str) -> None:
     )
     callback = FeatureSpeedCallback(every=1, angle_every=1, figures=False)
     Trainer(model=model, args=args, train_dataset=token_data(8), callbacks=[callback]).train()
+    # The Trainer leaves the gloo process group open; tearing it down at interpreter exit can abort a rank.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
