@@ -8,7 +8,10 @@ import sys
 
 # sub-command -> (module, one-line help). Each module exposes `cli_main(argv: list[str]) -> int`.
 COMMANDS = {
-    "demo": ("hf_fsf.demo", "train a small GPT-2 LM (standard, β = 1/√L, β = 1/√L with FSC control) and write a report"),
+    "demo": (
+        "hf_fsf.demo",
+        "train a small GPT-2 LM (standard, β = 1/√L, β = 1/√L with FSC control) and write a report",
+    ),
     "reproduce": ("hf_fsf.paper", "reproduce Fig. 1 and Fig. 2 of the paper (angles, sensitivities)"),
     "report": ("hf_fsf.report", "turn an fsf_stats.jsonl file into figures and a markdown table"),
 }
