@@ -29,6 +29,7 @@ from hf_fsf.layout import find_blocks, unwrap_model
 # ----------------------------------------------------------------------------------------------------------------
 
 STEM, HEAD = "stem", "head"
+BALANCES = ("blocks", "stages")
 TIED_GROUP = STEM  # parameters shared by stem and head (tied embeddings) are optimized in the stem group
 
 
@@ -88,7 +89,12 @@ class _LossCapture:
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # With num_items_in_batch (HF Trainer), each micro-batch's loss is its share of the step's mean.
-            optimizer.observe_loss(loss, share=kwargs.get("num_items_in_batch") is not None)
+            num_items = kwargs.get("num_items_in_batch")
+            optimizer.observe_loss(loss, share=num_items is not None)
+            if num_items is not None:
+                labels = kwargs.get("labels")
+                counted = (labels != -100).sum() if isinstance(labels, torch.Tensor) else None
+                optimizer._observe_items(num_items, counted)
 
 
 def _group_parameters(
@@ -146,6 +152,13 @@ class FSCOptimizer(torch.optim.Optimizer):
       rate: FSC's learning rate, stored as every group's "lr" (so LR schedulers scale it): the target
         first-order loss decrease per step is lr × loss (target="loss") or lr (target="absolute").
       blocks: passed to hf_fsf.find_blocks (None: auto-detect).
+      balance: how the target is split. "blocks" (default, the paper's rule C): every active group (stem, each
+        block, head) gets the same share, target/n. "stages": the stem, the trunk (all blocks together) and the
+        head each get the same share, and the trunk's share is split equally over its blocks; so the stem and
+        head keep a depth-independent share, as under depth-μP, instead of 1/(L+2) each. Measured on the
+        transfer benchmark's teacher ResNet (recipes/transfer.py): with "blocks" the best held-out loss degrades
+        with depth (the stem learns too slowly at depth 64), with "stages" it does not. Caveat: a head that is
+        only a final norm (GPT-2 with tied embeddings) then gets a third of the target on its own.
       ema_beta: smoothing of u_g across steps (0 = off: exact balance at every step). The scale uses the
         bias-corrected EMA of u_g, so the applied contribution is t_g × u_g/EMA(u_g): balanced on average. On by
         default: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), and in a
@@ -179,6 +192,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         blocks: Sequence[str] | Sequence[nn.Module] | None = None,
         target: Literal["loss", "absolute"] = "loss",
+        balance: Literal["blocks", "stages"] = "blocks",
         ema_beta: float = 0.9,
         max_scale: float | None = None,
         warmup_steps: int = 0,
@@ -201,6 +215,8 @@ class FSCOptimizer(torch.optim.Optimizer):
             raise ValueError(f"FSCOptimizer: rate must be a finite number >= 0, got {rate}.")
         if target not in ("loss", "absolute"):
             raise ValueError(f"FSCOptimizer: target must be 'loss' or 'absolute', got {target!r}.")
+        if balance not in BALANCES:
+            raise ValueError(f"FSCOptimizer: balance must be one of {BALANCES}, got {balance!r}.")
         if not 0.0 <= ema_beta < 1.0:
             raise ValueError(f"FSCOptimizer: ema_beta must be in [0, 1) (0 = no smoothing), got {ema_beta}.")
         if max_scale is not None and not max_scale > 0:
@@ -224,6 +240,7 @@ class FSCOptimizer(torch.optim.Optimizer):
             )
 
         self.target_mode = target
+        self.balance = balance
         self.ema_beta = float(ema_beta)
         self.max_scale = None if max_scale is None else float(max_scale)
         self.warmup_steps = int(warmup_steps)
@@ -257,6 +274,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         self.last_step: FSCStepRecord | None = None
         self._pending: list[torch.Tensor] = []
         self._pending_shares = False
+        self._clear_items()
         self._warned_stale = False
         hook = _LossCapture(self, model)
         self._hook = model.register_forward_hook(hook, with_kwargs=True) if capture_loss else None
@@ -285,6 +303,23 @@ class FSCOptimizer(torch.optim.Optimizer):
         )
         self._pending_shares = self._pending_shares or share
 
+    def _observe_items(self, num_items: torch.Tensor | int, label_count: torch.Tensor | None) -> None:
+        """The Trainer's num_items_in_batch of a micro-batch, and the labelled tokens this rank counted in it.
+
+        Under data parallelism they tell whether num_items_in_batch was summed over ranks (the Trainer's default,
+        average_tokens_across_devices=True: each rank's loss is a share of the global mean) or is this rank's own
+        count (False: each rank's losses add up to its own mean)."""
+        self._pending_items = num_items  # the same value for every micro-batch of the step
+        if label_count is None:
+            self._labels_known = False
+        else:
+            self._pending_labels = self._pending_labels + label_count.detach()
+
+    def _clear_items(self) -> None:
+        self._pending_items: torch.Tensor | int | None = None
+        self._pending_labels: torch.Tensor | int = 0
+        self._labels_known = True
+
     def _resolve_loss(self, loss: torch.Tensor | float | None) -> float | None:
         """This step's loss (see the class docstring for the order), identical on every rank."""
         shares = False
@@ -299,7 +334,9 @@ class FSCOptimizer(torch.optim.Optimizer):
             value = None
         self._pending.clear()
         self._pending_shares = False
-        if value is not None:
+        if value is None:
+            self._clear_items()
+        else:
             reduced = self._reduce_over_ranks(value.to(torch.float64), shares)
             if self.target_mode == "loss" and math.isfinite(reduced) and reduced < 0:
                 raise ValueError(
@@ -323,19 +360,33 @@ class FSCOptimizer(torch.optim.Optimizer):
             self._warned_stale = True
         return self.fsc_state["last_loss"]
 
-    @staticmethod
-    def _reduce_over_ranks(value: torch.Tensor, shares: bool) -> float:
-        """The loss every rank uses, so that all ranks take the same step: the mean over ranks, or the sum for
-        shares (with the Trainer's default average_tokens_across_devices, a rank's share is of the global mean)."""
+    def _reduce_over_ranks(self, value: torch.Tensor, shares: bool) -> float:
+        """The loss every rank uses, so that all ranks take the same step.
+
+        Plain losses: the mean over ranks. Shares (num_items_in_batch): the sum over ranks when num_items_in_batch
+        counted every rank's tokens (the Trainer's default average_tokens_across_devices=True), else the mean
+        (False: each rank's shares add up to its own mean). Which one is read off the count: a rank's own
+        labelled tokens are never fewer than a count of its own, and fewer than a count over all ranks; without
+        labels the Trainer's default is assumed.
+        """
+        items, labels, known = self._pending_items, self._pending_labels, self._labels_known
+        self._clear_items()
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                value = value.to(torch.device("cuda", torch.cuda.current_device()))
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            if not shares:
-                value = value / dist.get_world_size()
-        return float(value)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return float(value)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else value.device
+        )
+        own_count = shares and known and items is not None and float(items) <= float(labels)
+        global_count = 1.0 if shares and not own_count else 0.0
+        both = torch.stack(
+            [value.to(device, torch.float64), torch.tensor(global_count, device=device).double()]
+        )
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        total, votes = float(both[0]), float(both[1])
+        return total if shares and votes > 0 else total / dist.get_world_size()
 
     # -- the step ----------------------------------------------------------------------------------------------
 
@@ -399,7 +450,8 @@ class FSCOptimizer(torch.optim.Optimizer):
         self.fsc_state["last_loss"] = loss_value
         active = [gi for gi, u in enumerate(unit) if math.isfinite(u) and u > 0.0]
         warm = min(1.0, k / self.warmup_steps) if self.warmup_steps else 1.0
-        share = (loss_value if self.target_mode == "loss" else 1.0) * warm / max(len(active), 1)
+        total = (loss_value if self.target_mode == "loss" else 1.0) * warm
+        fractions = self._fractions(active)
 
         record = FSCStepRecord(k, loss_value, 0.0)
         scales = [0.0] * len(self.param_groups)
@@ -409,7 +461,7 @@ class FSCOptimizer(torch.optim.Optimizer):
                 record.groups[name] = GroupStep(u, None, 0.0, 0.0, 0.0, False, False)
                 continue
             smoothed = self._smooth(name, u)
-            target = group["lr"] * share
+            target = group["lr"] * total * fractions[gi]
             scale = target / smoothed
             clipped = self.max_scale is not None and scale > self.max_scale
             scales[gi] = min(scale, self.max_scale) if clipped else scale
@@ -422,6 +474,16 @@ class FSCOptimizer(torch.optim.Optimizer):
                 p.copy_(b.lerp_(p, scales[gi]))
         self.last_step = record
         return closure_loss
+
+    def _fractions(self, active: list[int]) -> dict[int, float]:
+        """{group index: its fraction of the target} over the active groups (they add up to 1)."""
+        if self.balance == "blocks" or not active:
+            return {gi: 1.0 / max(len(active), 1) for gi in active}
+        stages: dict[str, list[int]] = {}
+        for gi in active:
+            name = self.group_names[gi]
+            stages.setdefault(name if name in (STEM, HEAD) else "trunk", []).append(gi)
+        return {gi: 1.0 / (len(stages) * len(members)) for members in stages.values() for gi in members}
 
     def _smooth(self, name: str, u: float) -> float:
         """Bias-corrected EMA of the group's unit contribution (u itself when ema_beta = 0)."""

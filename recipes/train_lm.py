@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -135,9 +136,13 @@ def main(argv: list[str] | None = None) -> None:
             f"processes: {training.world_size}; corpus: {splits.source}; eval_loss {metrics['eval_loss']:.4f} nats/byte"
         )
         print(f"model: {output_dir / 'final'}; stats: {output_dir / 'fsf_stats.jsonl'}")
-    # The Trainer leaves the process group open; tearing it down at interpreter exit can abort a gloo rank.
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # Tearing gloo down at interpreter exit can abort a rank (the Trainer leaves the group open) or deadlock
+        # it (the DDP reducer's group joins a worker thread that waits for the GIL). Everything is saved: leave.
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Parametrizations:
   depth-mup  μP with branch β = 1/√L, and hidden (block) learning rates × √(L_base/L), the Adam rule of depth-μP
              (Yang et al. 2023, Tensor Programs VI); L_base is the smallest depth of the sweep.
   fsc        hf_fsf.FSCOptimizer over AdamW (base lr 1e-3), β = 1/√L; the swept setting is FSC's `rate`.
+  fsc-stages the same with balance="stages": stem, trunk (all blocks) and head a third of the target each.
 
 Outputs in --out-dir: transfer_runs.csv (every run), transfer_summary.csv (columns
 task,sweep,parametrization,size,optimal_lr,best_loss,drift,regret), transfer_summary.md (with digits' test
@@ -42,9 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PARAMETRIZATIONS = ("standard", "mup", "depth-mup", "fsc")
+PARAMETRIZATIONS = ("standard", "mup", "depth-mup", "fsc", "fsc-stages")
+FSC_PARAMETRIZATIONS = ("fsc", "fsc-stages")  # FSCOptimizer's balance: "blocks" (default), "stages"
 TASKS = ("teacher", "gpt2", "digits")
 SWEEPS = ("width", "depth")
+SCHEDULES = ("linear", "constant")
 SUMMARY_COLUMNS = ("task", "sweep", "parametrization", "size", "optimal_lr", "best_loss", "drift", "regret")
 STANDARD_BETA = 1 / math.sqrt(2)  # the constant branch of standard / μP ResNets: f <- (f + W φ(f))/√2
 FSC_BASE_LR = 1e-3  # the base AdamW's own lr under FSC: only the reference step (FSC rescales it every step)
@@ -68,15 +71,15 @@ class TaskSpec:
 FULL = {
     "teacher": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 300, 64,
-        {"standard": 3e-3, "mup": 6e-3, "depth-mup": 3e-3, "fsc": 0.1},
+        {"standard": 1e-2, "mup": 3e-2, "depth-mup": 3e-2, "fsc": 0.4, "fsc-stages": 0.3},
     ),
     "gpt2": TaskSpec(
         (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
-        {"standard": 3e-3, "mup": 1e-2, "depth-mup": 1e-2, "fsc": 0.03}, eval_size=64,
+        {"standard": 6e-3, "mup": 2e-2, "depth-mup": 2e-2, "fsc": 0.06, "fsc-stages": 0.06}, eval_size=64,
     ),
     "digits": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 200, 64,
-        {"standard": 4e-3, "mup": 4e-3, "depth-mup": 4e-3, "fsc": 0.25},
+        {"standard": 6e-3, "mup": 6e-3, "depth-mup": 6e-3, "fsc": 0.25, "fsc-stages": 0.25},
     ),
 }  # fmt: skip
 QUICK = {
@@ -106,6 +109,7 @@ class RunConfig:
     base_depth: int  # depth-μP's reference depth
     block_size: int = 64
     eval_size: int = 2048
+    schedule: str = "linear"
 
     @property
     def size(self) -> int:
@@ -146,14 +150,14 @@ class SummaryRow:
 
 def _beta(parametrization: str) -> float | str:
     """Branch rule: 1/√L for depth-μP and FSC, the constant 1/√2 otherwise."""
-    return "1/sqrt(L)" if parametrization in ("depth-mup", "fsc") else STANDARD_BETA
+    return "1/sqrt(L)" if parametrization in ("depth-mup", *FSC_PARAMETRIZATIONS) else STANDARD_BETA
 
 
 def build_resnet(parametrization: str, width: int, depth: int, d_in: int, d_out: int) -> nn.Module:
     """The hf_fsf ResNet for a parametrization (μP variants get a MuReadout; base shapes are set by the caller)."""
     from hf_fsf.models import ResNet
 
-    scaling = "fsc" if parametrization == "fsc" else "standard"
+    scaling = "fsc" if parametrization in FSC_PARAMETRIZATIONS else "standard"
     model = ResNet(d_in, width, depth, d_out, beta=_beta(parametrization), scaling=scaling)
     if parametrization in ("mup", "depth-mup"):
         from mup import MuReadout
@@ -175,10 +179,13 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW (standard), MuAdamW (μP; depth-μP with block lrs × √(L_base/L)), or FSCOptimizer over AdamW."""
     if cfg.parametrization == "standard":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    if cfg.parametrization == "fsc":
+    if cfg.parametrization in FSC_PARAMETRIZATIONS:
         from hf_fsf.control import FSCOptimizer
 
-        return FSCOptimizer(model, base=torch.optim.AdamW, rate=cfg.lr, lr=FSC_BASE_LR, weight_decay=0.0)
+        balance = "stages" if cfg.parametrization == "fsc-stages" else "blocks"
+        return FSCOptimizer(
+            model, base=torch.optim.AdamW, rate=cfg.lr, balance=balance, lr=FSC_BASE_LR, weight_decay=0.0
+        )
     from mup import MuAdamW
 
     factor = math.sqrt(cfg.base_depth / cfg.depth) if cfg.parametrization == "depth-mup" else 1.0
@@ -211,7 +218,7 @@ def build_gpt2(cfg: RunConfig, width: int | None = None, shapes: bool = True) ->
         eos_token_id=None,
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
-    if cfg.parametrization in ("depth-mup", "fsc"):
+    if cfg.parametrization in ("depth-mup", *FSC_PARAMETRIZATIONS):
         apply_branch_scaling(model, "1/sqrt(L)")
     if cfg.parametrization in ("mup", "depth-mup"):
         from mup import MuSharedReadout
@@ -247,9 +254,26 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> Non
         optimizer.step()
 
 
-def _train_loop(model, optimizer, batches: Iterable, loss_fn) -> tuple[float, float, bool]:
+def schedule_factor(schedule: str, step: int, steps: int) -> float:
+    """The multiplier of every learning rate (FSC: of `rate`) at `step` (0-based) of `steps`.
+
+    "constant": 1. "linear": linear warm-up over the first 5 % of the steps, then linear decay to 0 at the end,
+    so that the final loss measures progress rather than the noise level a constant step size settles at.
+    """
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, round(0.05 * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return (steps - step) / max(1, steps - warmup)
+
+
+def _train_loop(
+    model, optimizer, batches: Iterable, loss_fn, schedule: str, steps: int
+) -> tuple[float, float, bool]:
     """Train over the batches; returns (first, last train loss, diverged)."""
     first = last = math.nan
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: schedule_factor(schedule, t, steps))
     for i, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
@@ -260,6 +284,7 @@ def _train_loop(model, optimizer, batches: Iterable, loss_fn) -> tuple[float, fl
         last = value
         loss.backward()
         _optimizer_step(optimizer, loss)
+        scheduler.step()
     return first, last, False
 
 
@@ -329,7 +354,7 @@ def run_one(cfg: RunConfig) -> RunResult:
         raise ValueError(f"unknown task {cfg.task!r}: choose from {TASKS}")
     model.train()
     optimizer = make_optimizer(cfg, model)
-    first, last, diverged = _train_loop(model, optimizer, batches, loss_fn)
+    first, last, diverged = _train_loop(model, optimizer, batches, loss_fn, cfg.schedule, cfg.steps)
     model.eval()
     with torch.no_grad():
         if cfg.task == "gpt2":
@@ -382,6 +407,7 @@ def build_configs(
     lr_points: int,
     lr_factor: float,
     steps: int | None = None,
+    schedule: str = "linear",
 ) -> list[RunConfig]:
     configs = []
     for task in tasks:
@@ -398,7 +424,7 @@ def build_configs(
                                     task, sweep, param, width, depth, lr, seed, steps or spec.steps,
                                     spec.batch_size, base_width=min(spec.widths[0], spec.fixed_width),
                                     base_depth=min(spec.depths[0], spec.fixed_depth),
-                                    block_size=spec.block_size, eval_size=spec.eval_size,
+                                    block_size=spec.block_size, eval_size=spec.eval_size, schedule=schedule,
                                 )
                             )  # fmt: skip
     return configs
@@ -465,7 +491,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-            ax.set_xlabel("FSC rate" if param == "fsc" else "learning rate")
+            ax.set_xlabel("FSC rate" if param in FSC_PARAMETRIZATIONS else "learning rate")
             ax.set_title(param)
         axes[0][0].set_ylabel("held-out loss")
         axes[0][-1].legend(fontsize=7)
@@ -550,6 +576,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--centers", default=None, help="lr grid centers, e.g. standard=3e-3,fsc=0.04")
     p.add_argument("--lr-points", type=int, default=None, help="grid size (default 13 full, 3 quick)")
     p.add_argument("--lr-factor", type=float, default=None, help="grid ratio (default √2 full, 4 quick)")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default="linear",
+        help="lr schedule of every run: linear (5%% warm-up, decay to 0; default) or constant",
+    )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="processes (each with one torch thread)")
     p.add_argument("--out-dir", default="transfer_out")
     args = p.parse_args(argv)
@@ -586,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
         )
     points = args.lr_points or (QUICK_LR_POINTS if args.quick else FULL_LR_POINTS)
     factor = args.lr_factor or (QUICK_LR_FACTOR if args.quick else FULL_LR_FACTOR)
-    configs = build_configs(tasks, sweeps, params, specs, args.seeds, points, factor, args.steps)
+    configs = build_configs(
+        tasks, sweeps, params, specs, args.seeds, points, factor, args.steps, args.schedule
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{len(configs)} runs, {args.workers} worker(s) -> {out}", flush=True)

@@ -91,6 +91,28 @@ def test_contributions_are_balanced_and_sum_to_rate_times_loss(base):
         assert all(s > 0 for s in opt.last_scales.values())
 
 
+@pytest.mark.parametrize("base", ["momentum", "adamw"])
+def test_stage_balance_gives_stem_trunk_and_head_a_third_each(base):
+    cls, kwargs = BASES[base]
+    model = _resnet()
+    x, y = _data()
+    opt = FSCOptimizer(model, base=cls, rate=RATE, balance="stages", ema_beta=0.0, **kwargs)
+    n_blocks = len(model.blocks)
+    for _ in range(2):
+        loss, contrib = _step_and_measure(model, opt, x, y)
+        third = RATE * loss / 3
+        assert contrib["stem"] == pytest.approx(third, rel=1e-6)
+        assert contrib["head"] == pytest.approx(third, rel=1e-6)
+        for i in range(n_blocks):
+            assert contrib[f"blocks.{i}"] == pytest.approx(third / n_blocks, rel=1e-6)
+        assert sum(contrib.values()) == pytest.approx(RATE * loss, rel=1e-6)
+
+
+def test_unknown_balance_is_refused():
+    with pytest.raises(ValueError, match="balance must be one of"):
+        FSCOptimizer(_resnet(), balance="layers")
+
+
 def test_frozen_and_zero_gradient_groups_are_excluded():
     model = _resnet(freeze_first_layer=True)
     x, y = _data()
