@@ -547,6 +547,25 @@ def _logged(r: RunResult, log: Callable[[str], None]) -> RunResult:
     return r
 
 
+def read_runs(paths: Sequence[str]) -> list[RunResult]:
+    """RunResults from earlier transfer_runs.csv files, e.g. to summarize a grid extended by a second run.
+
+    A run (task, sweep, parametrization, size, lr, seed) present in several files is taken from the last one.
+    """
+    runs: dict[tuple, RunResult] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                lr = float(f"{float(row['lr']):.12g}")  # one grid point, whichever grid's arithmetic made it
+                r = RunResult(
+                    row["task"], row["sweep"], row["parametrization"], int(row["size"]), lr,
+                    int(row["seed"]), float(row["loss"]), float(row["accuracy"]), float(row["train_loss_first"]),
+                    float(row["train_loss_last"]), float(row["seconds"]),
+                )  # fmt: skip
+                runs[(r.task, r.sweep, r.parametrization, r.size, r.lr, r.seed)] = r
+    return list(runs.values())
+
+
 def _csv_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
@@ -582,6 +601,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="processes (each with one torch thread)")
     p.add_argument("--out-dir", default="transfer_out")
+    p.add_argument(
+        "--from-runs", nargs="+", metavar="CSV", default=None,
+        help="train nothing: summarize and plot the runs of earlier transfer_runs.csv files (grids merged)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.seeds < 1 or (args.steps is not None and args.steps < 1):
         raise SystemExit("--seeds and --steps must be positive integers")
@@ -616,13 +639,17 @@ def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
         )
     points = args.lr_points or (QUICK_LR_POINTS if args.quick else FULL_LR_POINTS)
     factor = args.lr_factor or (QUICK_LR_FACTOR if args.quick else FULL_LR_FACTOR)
-    configs = build_configs(
-        tasks, sweeps, params, specs, args.seeds, points, factor, args.steps, args.schedule
-    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(configs)} runs, {args.workers} worker(s) -> {out}", flush=True)
-    results = run_all(configs, args.workers, log=lambda s: print(s, flush=True))
+    if args.from_runs:
+        results = read_runs(args.from_runs)
+        print(f"{len(results)} runs read from {', '.join(args.from_runs)} -> {out}", flush=True)
+    else:
+        configs = build_configs(
+            tasks, sweeps, params, specs, args.seeds, points, factor, args.steps, args.schedule
+        )
+        print(f"{len(configs)} runs, {args.workers} worker(s) -> {out}", flush=True)
+        results = run_all(configs, args.workers, log=lambda s: print(s, flush=True))
     write_csv(out / "transfer_runs.csv", results, [f.name for f in fields(RunResult)])
     table = mean_losses(results)
     rows = summarize(table)

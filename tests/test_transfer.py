@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +63,67 @@ def test_summary_diverged_transfer_is_infinite_regret():
     assert all(r.drift == pytest.approx(2.0) for r in rows)
 
 
+def test_runs_from_two_grids_merge_on_shared_points(tmp_path):
+    """A grid extended by a second run: the shared point (made by different arithmetic) is one point, taken from
+    the later file, and the summary sees the union."""
+    low, high = transfer.lr_grid(0.0025, 5, math.sqrt(2)), transfer.lr_grid(0.01, 5, math.sqrt(2))
+    assert low[-1] == pytest.approx(high[0])
+    columns = [f.name for f in transfer.fields(transfer.RunResult)]
+
+    def results(grid, loss_of):
+        return [
+            transfer.RunResult("t", "width", "mup", size, lr, 0, loss_of(lr, size), math.nan, 1.0, 0.5, 1.0)
+            for size in (64, 128)
+            for lr in grid
+        ]
+
+    transfer.write_csv(tmp_path / "a.csv", results(high, lambda lr, s: 1.0 + lr), columns)
+    transfer.write_csv(tmp_path / "b.csv", results(low, lambda lr, s: 2.0 - 100 * lr), columns)
+    merged = transfer.read_runs([tmp_path / "a.csv", tmp_path / "b.csv"])
+    assert len(merged) == 2 * 9
+    table = transfer.mean_losses(merged)[("t", "width", "mup")]
+    shared = [loss for lr, loss in table[64].items() if lr == pytest.approx(0.005)]
+    assert shared == [pytest.approx(2.0 - 0.5)]  # one point, from the later file
+    rows = transfer.summarize(transfer.mean_losses(merged))
+    assert all(r.optimal_lr == pytest.approx(high[1]) for r in rows)  # 1 + 0.00707 beats 2 - 0.5
+
+
 def test_lr_grid_is_geometric_and_centered():
     grid = transfer.lr_grid(0.01, 5, math.sqrt(2))
     assert grid[2] == pytest.approx(0.01)
     assert all(b / a == pytest.approx(math.sqrt(2)) for a, b in zip(grid, grid[1:]))
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    steps = 100
+    factors = [transfer.schedule_factor("linear", t, steps) for t in range(steps)]
+    assert factors[0] == pytest.approx(1 / 5) and factors[4] == pytest.approx(1.0)  # 5 % warm-up
+    assert max(factors) == pytest.approx(1.0)
+    assert all(b < a for a, b in zip(factors[5:], factors[6:]))
+    assert factors[-1] == pytest.approx(1 / 95)  # the last step is small, not zero
+    assert all(transfer.schedule_factor("constant", t, steps) == 1.0 for t in range(steps))
+
+
+def test_the_schedule_drives_fsc_rate_and_every_group_lr(monkeypatch):
+    """LambdaLR sets FSCOptimizer's group lr (its rate) exactly as it sets a plain optimizer's lr."""
+    spec = transfer.QUICK["teacher"]
+    cfg = transfer.RunConfig(
+        "teacher", "width", "fsc", 16, 4, 0.2, 0, 10, 8, 16, 4, spec.block_size, spec.eval_size
+    )
+    model = transfer.build_resnet("fsc", 16, 4, 32, 4)
+    opt = transfer.make_optimizer(cfg, model)
+    seen, step = [], transfer._optimizer_step
+
+    def recording_step(optimizer, loss):
+        step(optimizer, loss)
+        seen.append(optimizer.last_step.target / optimizer.last_step.loss)  # = this step's rate
+        assert len({g["lr"] for g in optimizer.param_groups}) == 1
+
+    monkeypatch.setattr(transfer, "_optimizer_step", recording_step)
+    data = (torch.randn(8, 32), torch.randn(8, 4))
+    transfer._train_loop(model, opt, [data] * 10, transfer._mse, "linear", 10)
+    expected = [0.2 * transfer.schedule_factor("linear", t, 10) for t in range(10)]
+    assert seen == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("task", ["teacher", "gpt2"])
