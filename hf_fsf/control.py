@@ -567,11 +567,19 @@ class FSCOptimizer(torch.optim.Optimizer):
 class FSCOptimizerFactory:
     """FSCOptimizer for `optimizer_cls_and_kwargs` without binding the model first.
 
-    Not an Optimizer subclass on purpose: transformers' Trainer (5.x) then treats it as a factory and calls
-    FSCOptimizerFactory()(model, **kwargs). Trainers without optimizer factories: use FSCOptimizer.trainer_args.
+    Use `optimizer_cls_and_kwargs=(FSCOptimizerFactory, {"rate": ...})`. Not an Optimizer subclass on purpose:
+    transformers' Trainer (5.x) then treats it as a factory and calls FSCOptimizerFactory()(model, **kwargs). An
+    instance, FSCOptimizerFactory(), works too (called without a model it returns itself). Trainers without
+    optimizer factories: use FSCOptimizer.trainer_args.
     """
 
-    def __call__(self, model: nn.Module, **kwargs: Any) -> FSCOptimizer:
+    def __call__(self, model: nn.Module | None = None, **kwargs: Any) -> FSCOptimizer | FSCOptimizerFactory:
+        if model is None:
+            if kwargs:
+                raise TypeError(
+                    "FSCOptimizerFactory: got settings but no model; call it as factory(model, **settings)."
+                )
+            return self
         return FSCOptimizer(model, **kwargs)
 
 

@@ -301,7 +301,7 @@ def _token_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-@pytest.mark.parametrize("how", ["trainer_args", "factory", "optimizers"])
+@pytest.mark.parametrize("how", ["trainer_args", "factory", "factory_instance", "optimizers"])
 def test_trainer_accepts_the_optimizer(tmp_path, how):
     from transformers import Trainer, TrainingArguments
 
@@ -317,6 +317,8 @@ def test_trainer_accepts_the_optimizer(tmp_path, how):
         kw = {"optimizer_cls_and_kwargs": FSCOptimizer.trainer_args(model, **settings)}
     elif how == "factory":
         kw = {"optimizer_cls_and_kwargs": (FSCOptimizerFactory, settings)}
+    elif how == "factory_instance":
+        kw = {"optimizer_cls_and_kwargs": (FSCOptimizerFactory(), settings)}
     else:
         kw = {"optimizers": (FSCOptimizer(model, **settings), None)}
     trainer = Trainer(model=model, args=args, train_dataset=data, **kw)
