@@ -75,11 +75,11 @@ FULL = {
     ),
     "gpt2": TaskSpec(
         (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
-        {"standard": 6e-3, "mup": 2e-2, "depth-mup": 2e-2, "fsc": 0.06, "fsc-stages": 0.06}, eval_size=64,
+        {"standard": 2e-3, "mup": 3.5e-3, "depth-mup": 3.5e-3, "fsc": 0.085, "fsc-stages": 0.1}, eval_size=64,
     ),
     "digits": TaskSpec(
         (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 200, 64,
-        {"standard": 6e-3, "mup": 6e-3, "depth-mup": 6e-3, "fsc": 0.25, "fsc-stages": 0.25},
+        {"standard": 4e-3, "mup": 4e-3, "depth-mup": 6e-3, "fsc": 0.6, "fsc-stages": 0.25},
     ),
 }  # fmt: skip
 QUICK = {
