@@ -3,12 +3,14 @@
 For each task, sweep (width at fixed depth, depth at fixed width) and parametrization, train every size over a
 geometric grid of learning rates (FSC: of its `rate`) with several seeds, and measure the held-out loss:
 
-    python recipes/transfer.py --quick                       # small grid, ~1-2 minutes on 2 cores
+    python recipes/transfer.py --quick                       # small grid, ~30 s on 2 cores
     python recipes/transfer.py --tasks teacher --sweeps width,depth --steps 300 --seeds 2 --workers 2
 
 Tasks: "teacher" (ResNet on a TeacherStream: fresh samples every step, a held-out set from the same distribution,
 a loss floor of noise²), "gpt2" (GPT-2-style byte LM on the stdlib corpus, less than one epoch), "digits"
 (scikit-learn's digits, real data; it memorizes quickly, so its test *accuracy* is the number to read).
+
+Every run has a 5 % linear warm-up and a linear decay to 0 (--schedule constant: none); for FSC it scales `rate`.
 
 Parametrizations:
   standard   AdamW, one learning rate, PyTorch/He init; ResNet branch β = 1/√2 (constant), GPT-2 as in HF.
