@@ -90,6 +90,12 @@ class _LossCapture:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # With num_items_in_batch (HF Trainer), each micro-batch's loss is its share of the step's mean.
             num_items = kwargs.get("num_items_in_batch")
+            previous = optimizer._pending_items
+            if isinstance(num_items, torch.Tensor) and previous is not None and num_items is not previous:
+                # The Trainer makes one count per step: shares of an earlier count belong to a step that never
+                # reached step() (fp16 overflow skips it), and must not be added to this step's loss.
+                optimizer._pending.clear()
+                optimizer._clear_items()
             optimizer.observe_loss(loss, share=num_items is not None)
             if num_items is not None:
                 labels = kwargs.get("labels")

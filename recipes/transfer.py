@@ -131,6 +131,8 @@ class RunResult:
     train_loss_first: float
     train_loss_last: float
     seconds: float
+    steps: int = 0  # training steps and schedule of the run (0 / "": unknown, from an older runs file)
+    schedule: str = ""
 
 
 @dataclass
@@ -374,7 +376,7 @@ def run_one(cfg: RunConfig) -> RunResult:
         optimizer.close()
     return RunResult(
         cfg.task, cfg.sweep, cfg.parametrization, cfg.size, cfg.lr, cfg.seed, loss, accuracy, first, last,
-        time.perf_counter() - start,
+        time.perf_counter() - start, cfg.steps, cfg.schedule,
     )  # fmt: skip
 
 
@@ -553,8 +555,10 @@ def read_runs(paths: Sequence[str]) -> list[RunResult]:
     """RunResults from earlier transfer_runs.csv files, e.g. to summarize a grid extended by a second run.
 
     A run (task, sweep, parametrization, size, lr, seed) present in several files is taken from the last one.
+    Runs of one task with different steps or schedules are refused: their losses are not comparable.
     """
     runs: dict[tuple, RunResult] = {}
+    settings: dict[str, tuple[tuple[int, str], str]] = {}
     for path in paths:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
@@ -562,8 +566,16 @@ def read_runs(paths: Sequence[str]) -> list[RunResult]:
                 r = RunResult(
                     row["task"], row["sweep"], row["parametrization"], int(row["size"]), lr,
                     int(row["seed"]), float(row["loss"]), float(row["accuracy"]), float(row["train_loss_first"]),
-                    float(row["train_loss_last"]), float(row["seconds"]),
+                    float(row["train_loss_last"]), float(row["seconds"]), int(row.get("steps") or 0),
+                    row.get("schedule") or "",
                 )  # fmt: skip
+                if r.steps:  # older files carry no settings: nothing to check them against
+                    seen, where = settings.setdefault(r.task, ((r.steps, r.schedule), str(path)))
+                    if seen != (r.steps, r.schedule):
+                        raise SystemExit(
+                            f"--from-runs: {r.task} runs in {where} have steps/schedule {seen}, those in {path} "
+                            f"{(r.steps, r.schedule)}; merge only runs trained the same way."
+                        )
                 runs[(r.task, r.sweep, r.parametrization, r.size, r.lr, r.seed)] = r
     return list(runs.values())
 

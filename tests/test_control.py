@@ -301,6 +301,28 @@ def _token_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
+def test_loss_shares_of_a_step_that_never_ran_are_dropped():
+    """fp16 overflow makes the Trainer skip optimizer.step(): the next step's loss is its own shares only."""
+    model = _tiny_gpt2()
+    opt = FSCOptimizer(model, base=torch.optim.SGD, rate=RATE, lr=0.1, ema_beta=0.0)
+    batches = [_token_batch(4, seed) for seed in range(4)]
+
+    def window(pair):  # one accumulation window: one count, shared by its micro-batches (as the Trainer does)
+        count = torch.tensor(float(sum(b["labels"][:, 1:].numel() for b in pair)))
+        shares = []
+        for b in pair:
+            out = model(**b, num_items_in_batch=count)
+            out.loss.backward()
+            shares.append(out.loss.item())
+        return sum(shares)
+
+    window(batches[:2])  # no step(): skipped
+    opt.zero_grad()
+    loss = window(batches[2:])
+    opt.step()
+    assert opt.last_step.loss == pytest.approx(loss, rel=1e-6)
+
+
 @pytest.mark.parametrize("how", ["trainer_args", "factory", "factory_instance", "optimizers"])
 def test_trainer_accepts_the_optimizer(tmp_path, how):
     from transformers import Trainer, TrainingArguments

@@ -88,6 +88,17 @@ def test_runs_from_two_grids_merge_on_shared_points(tmp_path):
     assert all(r.optimal_lr == pytest.approx(high[1]) for r in rows)  # 1 + 0.00707 beats 2 - 0.5
 
 
+def test_runs_trained_differently_are_not_merged(tmp_path):
+    columns = [f.name for f in transfer.fields(transfer.RunResult)]
+    for name, steps in (("a.csv", 150), ("b.csv", 300)):
+        run = transfer.RunResult(
+            "t", "width", "fsc", 64, 0.1, 0, 1.0, math.nan, 2.0, 1.0, 1.0, steps, "linear"
+        )
+        transfer.write_csv(tmp_path / name, [run], columns)
+    with pytest.raises(SystemExit, match="steps/schedule"):
+        transfer.read_runs([tmp_path / "a.csv", tmp_path / "b.csv"])
+
+
 def test_lr_grid_is_geometric_and_centered():
     grid = transfer.lr_grid(0.01, 5, math.sqrt(2))
     assert grid[2] == pytest.approx(0.01)
