@@ -13,16 +13,7 @@ from transformers import Trainer
 
 from hf_fsf import FeatureSpeedProbe
 from hf_fsf.callback import FeatureSpeedCallback
-
-FIELDS = (
-    "forward_rms",
-    "backward_norm",
-    "contribution",
-    "loss_decrease",
-    "update_norm",
-    "cos_theta",
-    "fsf_ratio",
-)
+from hf_fsf.stats import BLOCK_FIELDS
 
 
 def rel(a, b):
@@ -65,7 +56,7 @@ def test_accumulation_and_clipping_match_one_big_batch(tmp_path):
     assert rel(got["head_contribution"], want.head_contribution) < 1e-6
     for a, b in zip(got["blocks"], want.blocks):
         assert a["name"] == b.name
-        for field in FIELDS:
+        for field in BLOCK_FIELDS:
             assert rel(a[field], getattr(b, field)) < 1e-6, (b.name, field)
 
 
@@ -140,7 +131,7 @@ def test_resume_from_checkpoint_repeats_the_same_stats(tmp_path):
     ]  # records after the checkpoint were replaced, not doubled
     for a, b in zip(resumed[2:], full[2:]):
         for x, y in zip(a["blocks"], b["blocks"]):
-            for field in FIELDS:
+            for field in BLOCK_FIELDS:
                 assert rel(x[field], y[field]) < 1e-9, field
 
 

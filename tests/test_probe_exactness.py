@@ -15,6 +15,7 @@ from chain_models import make_case
 from torch.func import functional_call, jvp
 
 from hf_fsf import FeatureSpeedProbe
+from hf_fsf.stats import BLOCK_FIELDS
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=1e-4),
@@ -157,15 +158,7 @@ def test_gradient_accumulation_equals_one_batch(case):
     assert rel(acc.stem_contribution, one.stem_contribution) < 1e-8
     assert rel(acc.head_contribution, one.head_contribution) < 1e-8
     for a, b in zip(acc.blocks, one.blocks):
-        for field in (
-            "forward_rms",
-            "backward_norm",
-            "contribution",
-            "loss_decrease",
-            "update_norm",
-            "cos_theta",
-            "fsf_ratio",
-        ):
+        for field in BLOCK_FIELDS:
             assert rel(getattr(a, field), getattr(b, field)) < 1e-8, (a.name, field)
 
 
