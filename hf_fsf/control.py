@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from hf_fsf.distributed import world_size
 from hf_fsf.layout import find_blocks, unwrap_model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,17 +91,10 @@ class _LossCapture:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # With num_items_in_batch (HF Trainer), each micro-batch's loss is its share of the step's mean.
             num_items = kwargs.get("num_items_in_batch")
-            previous = optimizer._pending_items
-            if isinstance(num_items, torch.Tensor) and previous is not None and num_items is not previous:
-                # The Trainer makes one count per step: shares of an earlier count belong to a step that never
-                # reached step() (fp16 overflow skips it), and must not be added to this step's loss.
-                optimizer._pending.clear()
-                optimizer._clear_items()
-            optimizer.observe_loss(loss, share=num_items is not None)
-            if num_items is not None:
-                labels = kwargs.get("labels")
-                counted = (labels != -100).sum() if isinstance(labels, torch.Tensor) else None
-                optimizer._observe_items(num_items, counted)
+            if num_items is None:
+                optimizer.observe_loss(loss)
+            else:
+                optimizer._observe_share(loss, num_items, kwargs.get("labels"))
 
 
 def _group_parameters(
@@ -311,17 +305,25 @@ class FSCOptimizer(torch.optim.Optimizer):
         )
         self._pending_shares = self._pending_shares or share
 
-    def _observe_items(self, num_items: torch.Tensor | int, label_count: torch.Tensor | None) -> None:
-        """The Trainer's num_items_in_batch of a micro-batch, and the labelled tokens this rank counted in it.
+    def _observe_share(self, loss: torch.Tensor, num_items: Any, labels: Any) -> None:
+        """A micro-batch loss that is a share of the step's mean (HF Trainer: num_items_in_batch passed).
 
-        Under data parallelism they tell whether num_items_in_batch was summed over ranks (the Trainer's default,
-        average_tokens_across_devices=True: each rank's loss is a share of the global mean) or is this rank's own
-        count (False: each rank's losses add up to its own mean)."""
-        self._pending_items = num_items  # the same value for every micro-batch of the step
-        if label_count is None:
-            self._labels_known = False
-        else:
-            self._pending_labels = self._pending_labels + label_count.detach()
+        The Trainer makes one count per step, passed to each of its micro-batches: shares of an earlier count
+        belong to a step that never reached step() (fp16 overflow skips it) and are dropped. Under data
+        parallelism the rank also counts its labelled tokens, which tells _reduce_over_ranks whether the count
+        was summed over ranks (average_tokens_across_devices=True) or is this rank's own.
+        """
+        stale = self._pending_items is not None and num_items is not self._pending_items
+        if isinstance(num_items, torch.Tensor) and stale:
+            self._pending.clear()
+            self._clear_items()
+        self.observe_loss(loss, share=True)
+        self._pending_items = num_items
+        if world_size() > 1:  # single-process training pays nothing for the count
+            if isinstance(labels, torch.Tensor):
+                self._pending_labels = self._pending_labels + (labels != -100).sum()
+            else:
+                self._labels_known = False
 
     def _clear_items(self) -> None:
         self._pending_items: torch.Tensor | int | None = None
@@ -380,7 +382,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         items, labels, known = self._pending_items, self._pending_labels, self._labels_known
         self._clear_items()
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             return float(value)
         device = (
             torch.device("cuda", torch.cuda.current_device())

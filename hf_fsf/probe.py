@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hf_fsf.distributed import world_size
 from hf_fsf.formula import BlockSums, block_fields
 from hf_fsf.layout import BlockLayout, block_output, find_blocks, unwrap_model
 from hf_fsf.stats import BlockStats, StepStats
@@ -474,9 +475,6 @@ class FeatureSpeedProbe:
             raise RuntimeError(f"FeatureSpeedProbe.{what}: call begin_step() first.")
         return self._step
 
-    def _world(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
     def _gradient_scale(self, step: _Step) -> float:
         """The factor between the gradients in .grad and those of the backward pass (clipping), from a few small
         reference parameters whose backward gradients were kept. 1.0 when nothing rescaled the gradients."""
@@ -484,7 +482,7 @@ class FeatureSpeedProbe:
         # the collective matches even when some parameter is unused on one rank.
         seen = _flat_float64(step.reference, self._reference, self.device)
         final = _flat_float64([p.grad for p in self._reference], self._reference, self.device)
-        world = self._world()
+        world = world_size()
         if world > 1:
             dist.all_reduce(seen)
             if self.grad_average:
@@ -579,7 +577,7 @@ class FeatureSpeedProbe:
         warnings.warn(f"FeatureSpeedProbe: {message}; measurement skipped.", stacklevel=3)
 
     def _finish(self, step: _Step, dots_after: torch.Tensor, tied_stem: torch.Tensor) -> StepStats:
-        world = self._world()
+        world = world_size()
         b_scale = 1.0 / world if (world > 1 and self.grad_average) else 1.0
         loss = (
             torch.stack(step.loss_terms).sum()

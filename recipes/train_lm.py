@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_fsf.callback import FeatureSpeedCallback
 from hf_fsf.data import VOCAB_SIZE, load_text_dataset
+from hf_fsf.distributed import exit_distributed_run
 from hf_fsf.residual import apply_branch_scaling
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train_lm.yaml"
@@ -136,13 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             f"processes: {training.world_size}; corpus: {splits.source}; eval_loss {metrics['eval_loss']:.4f} nats/byte"
         )
         print(f"model: {output_dir / 'final'}; stats: {output_dir / 'fsf_stats.jsonl'}")
-    if torch.distributed.is_initialized():
-        # Tearing gloo down at interpreter exit can abort a rank (the Trainer leaves the group open) or deadlock
-        # it (the DDP reducer's group joins a worker thread that waits for the GIL). Everything is saved: leave.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed_run()  # everything is saved; see hf_fsf/distributed.py for why not a normal exit
 
 
 if __name__ == "__main__":

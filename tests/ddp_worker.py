@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_fsf.callback import FeatureSpeedCallback  # noqa: E402
 from hf_fsf.control import FSCOptimizer  # noqa: E402
+from hf_fsf.distributed import exit_distributed_run  # noqa: E402
 
 
 class _RecordFSC(TrainerCallback):
@@ -58,13 +59,7 @@ def main(out: str, mode: str = "probe") -> None:
         checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
         with open(os.path.join(out, f"fsc_rank{rank}.json"), "w") as f:
             json.dump({"steps": record.steps, "checksum": checksum}, f)
-    if torch.distributed.is_initialized():
-        # Tearing gloo down at interpreter exit can abort a rank (an open group) or deadlock it (the DDP reducer's
-        # process group joining a worker thread that waits for the GIL): leave once every rank is done.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed_run()
 
 
 if __name__ == "__main__":
