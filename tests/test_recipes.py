@@ -136,3 +136,11 @@ def test_train_lm_under_accelerate_runs_two_processes(tmp_path):
         2,
         3,
     ]
+
+
+def test_check_fsc_contributions_on_llama_and_qwen2(capsys):
+    spec = importlib.util.spec_from_file_location("check_fsc", RECIPES / "check_fsc.py")
+    check_fsc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_fsc)
+    assert check_fsc.check_contributions(quick=True) < 1e-9
+    assert capsys.readouterr().out.count("| llama |") == 4  # 2 bases x 2 balances
