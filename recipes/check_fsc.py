@@ -1,7 +1,7 @@
 """Recipe: check FSCOptimizer where the test suite does not look.
 
-    python recipes/check_fsc.py            # ~3 min on 2 cores
-    python recipes/check_fsc.py --quick    # ~40 s: fewer bases, shorter training
+    python recipes/check_fsc.py            # ~1 min on 2 cores
+    python recipes/check_fsc.py --quick    # ~25 s: fewer bases, shorter training
 
 1. Contributions, recomputed independently: tiny Llama and Qwen2 models (float64) with base optimizers the tests
    do not use (RMSprop with momentum, NAdam, Adagrad, RAdam with weight decay), both balances, smoothing off.
