@@ -163,12 +163,12 @@ class FSCOptimizer(torch.optim.Optimizer):
         gets a third of the target on its own.
       ema_beta: smoothing of u_g across steps (0 = off: exact balance at every step). The scale uses the
         bias-corrected EMA of u_g, so the applied contribution is t_g × u_g/EMA(u_g): balanced on average. On by
-        default: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), and in a
-        rate sweep (ResNet on digits, AdamW and momentum bases) it diverged at 1.4-2x its best rate, while
-        with 0.9 the best rate was ~8x higher and divergence came only at 3-4x it.
+        default: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), so a batch
+        whose u_g happens to be small gets a very large step. (Every measurement in docs/transfer.md and
+        recipes/check_fsc.py uses the default 0.9.)
       max_scale: bound on s_g, i.e. on the FSC step relative to the base optimizer's own step (None = off, the
         default, since its meaning depends on the base lr). With a base lr you would train with, e.g. 10 is a
-        safety net that removed every divergence in the same sweep; a bounded group is flagged `clipped` and
+        safety net against such outsized steps; a bounded group is flagged `clipped` and
         then contributes less than its target (the shortfall is not moved to other groups).
       warmup_steps: the target ramps linearly from 1/warmup_steps to 1 over the first steps (0 = off, the
         default; an LR scheduler with warm-up does the same through lr).
