@@ -1,4 +1,5 @@
-"""The little that hf_fsf needs from torch.distributed: the world size, and a clean end to a multi-process run."""
+"""The little that hf_fsf needs to know of devices and ranks: the world size, the CUDA devices whose random state
+a replayed forward must restore, and a clean end to a multi-process run."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import os
 import sys
 
 import torch.distributed as dist
+from torch import nn
 
 
 def world_size() -> int:
     """Number of processes in the default group (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def cuda_rng_devices(module: nn.Module) -> list[int]:
+    """The CUDA devices holding `module`'s parameters: whose random state a replay (dropout) saves and restores."""
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
 def exit_distributed_run() -> None:

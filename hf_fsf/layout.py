@@ -30,10 +30,12 @@ import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from hf_fsf.distributed import cuda_rng_devices
 
 HOW_TO_PASS_BLOCKS = (
     "Pass the blocks explicitly, e.g. FeatureSpeedProbe(model, blocks=['layers.0', 'layers.1', ...]) "
@@ -41,7 +43,8 @@ HOW_TO_PASS_BLOCKS = (
     "or name the block list: blocks='model.layers' (or blocks='encoder' / 'decoder' for an encoder-decoder)."
 )
 
-BlocksArg = str | Sequence[str] | Sequence[nn.Module] | None
+# The names of the two groups around the chain; every block's group is named by its module name.
+STEM, HEAD = "stem", "head"
 
 
 @dataclass
@@ -78,6 +81,26 @@ class BlockLayout:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def parameter_groups(self, tied: Literal["own", "stem"] = "own") -> dict[str, list[nn.Parameter]]:
+        """{group name: parameters}: "stem", each block by its module name, "head", in chain order.
+
+        tied="own": each tied parameter is a group of its own, "tied:<i>" (the probe splits its contribution
+        between stem and head); tied="stem": tied parameters join the stem group (FSC optimizes them there).
+        Every parameter appears once; frozen ones are included (consumers filter on requires_grad).
+        """
+        groups = {STEM: [p for _, p in self.stem_params]}
+        if tied == "stem":
+            groups[STEM] += [t.param for t in self.tied]
+        for name, params in zip(self.names, self.block_params):
+            groups[name] = [p for _, p in params]
+        groups[HEAD] = [p for _, p in self.head_params]
+        if tied == "own":
+            groups.update({f"tied:{i}": [t.param] for i, t in enumerate(self.tied)})
+        return groups
+
+
+BlocksArg = str | Sequence[str] | Sequence[nn.Module] | BlockLayout | None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -200,9 +223,9 @@ def _resolve_blocks(model: nn.Module, blocks: BlocksArg) -> list[tuple[str, nn.M
 
 # --- execution order ---------------------------------------------------------------------------------------------
 
-# Phases of a module call relative to the chain: before the first block, after the last, or in between
-# (outside any block, while the chain runs: a parameter shared by the blocks, which breaks the chain).
-_STEM, _HEAD, _CHAIN = "stem", "head", "chain"
+# Phases of a module call relative to the chain: before the first block (STEM), after the last (HEAD), or in
+# between (outside any block, while the chain runs: a parameter shared by the blocks, which breaks the chain).
+_CHAIN = "chain"
 
 
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -249,10 +272,9 @@ def _argument_names(module: nn.Module) -> list[str]:
 def _quiet_eval(model: nn.Module):
     """eval mode, the random state restored: the trace leaves no trace (dropout, BatchNorm statistics)."""
     modes = [(m, m.training) for m in model.modules()]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     model.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=cuda_rng_devices(model)), torch.enable_grad():
             yield
     finally:
         for module, mode in modes:
@@ -347,9 +369,9 @@ def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -
         seen = set()
         for start, end in module_calls:
             if end < first:
-                seen.add(_STEM)
+                seen.add(STEM)
             elif start > last:
-                seen.add(_HEAD)
+                seen.add(HEAD)
             elif not (start < first and end > last):
                 seen.add(_CHAIN)
         if seen:
@@ -373,14 +395,14 @@ def _embedding_hints(model: nn.Module, resolved: list[tuple[str, nn.Module]]) ->
     with contextlib.suppress(Exception):
         out = get_out() if callable(get_out) else None
         if isinstance(out, nn.Module):
-            hints[id(out)] = _HEAD
+            hints[id(out)] = HEAD
     with contextlib.suppress(Exception):
         emb = get_in() if callable(get_in) else None
         by_id = {id(m): n for n, m in model.named_modules()}
         if isinstance(emb, nn.Module) and id(emb) in by_id:
             stacks = {_stack_of(n) for n, _ in resolved}
             if _stack_of(by_id[id(emb)]) in stacks | {None}:
-                hints.setdefault(id(emb), _STEM)
+                hints.setdefault(id(emb), STEM)
     return hints
 
 
@@ -420,7 +442,7 @@ def _parts(
         elif id(owner) in hints:
             found = {hints[id(owner)]}
         else:  # registration order
-            found = {_HEAD if seen_block else _STEM}
+            found = {HEAD if seen_block else STEM}
         params[id(param)] = param
         for part in found:
             parts.setdefault(id(param), {}).setdefault(part, []).append(name)
@@ -436,20 +458,24 @@ def find_blocks(
 ) -> BlockLayout:
     """The BlockLayout of `model`.
 
-    blocks: None (auto-detect; the encoder of an encoder-decoder), a list of module names or modules, or the name
-    of a block list ('model.layers', 'encoder', 'decoder').
+    blocks: None (auto-detect; the encoder of an encoder-decoder), a list of module names or modules, the name
+    of a block list ('model.layers', 'encoder', 'decoder'), or a BlockLayout (returned as it is: find the layout
+    once and pass it to every consumer).
     example_inputs: inputs for one forward pass (a dict of keyword arguments, a tuple, or a tensor) that orders the
     parameters outside the blocks by execution. Hugging Face models get dummy inputs from their config when it is
     None. The forward runs in eval mode with the random state restored, and no backward. trace=False skips it:
     stem and head then follow registration order.
     """
+    if isinstance(blocks, BlockLayout):
+        return blocks
     model = unwrap_model(model)
     resolved = _resolve_blocks(model, blocks)
     traced, why_not = _try_trace(model, resolved, example_inputs, trace)
     phases = traced.phases if traced is not None else None
-    if traced is not None and traced.order != sorted(traced.order):
-        resolved = [resolved[i] for i in traced.order]  # the chain order is the execution order
-        return find_blocks(model, [m for _, m in resolved], example_inputs=example_inputs, trace=trace)
+    if traced is not None:
+        # The chain order is the execution order. The trace's phases are keyed by module, not by block index,
+        # so they stay valid after the reordering.
+        resolved = [resolved[i] for i in traced.order]
     parts, params, hints = _parts(model, resolved, phases)
     modules = dict(model.named_modules(remove_duplicate=False))
 
@@ -462,22 +488,22 @@ def find_blocks(
             shared.append(next(iter(where.values()))[0])
         elif in_blocks:
             block_params[int(in_blocks[0].split(":")[1])].append((where[in_blocks[0]][0], param))
-        elif set(where) == {_STEM, _HEAD}:
+        elif set(where) == {STEM, HEAD}:
             # The stem side is the module seen running before the blocks (BART's model.shared never runs: its
             # weight runs in encoder.embed_tokens); the head side is preferably a head-only name (the LM head).
             ran = [
-                n for n in where[_STEM] if _STEM in (phases or {}).get(id(modules[_owner_module_name(n)]), ())
+                n for n in where[STEM] if STEM in (phases or {}).get(id(modules[_owner_module_name(n)]), ())
             ]
-            stem_name = (ran or where[_STEM])[0]
-            head_only = [n for n in where[_HEAD] if n not in where[_STEM]]
+            stem_name = (ran or where[STEM])[0]
+            head_only = [n for n in where[HEAD] if n not in where[STEM]]
             owner = _owner_module_name(stem_name)
             tied.append(
-                TiedParameter(stem_name, (head_only or where[_HEAD])[-1], param, owner, modules[owner])
+                TiedParameter(stem_name, (head_only or where[HEAD])[-1], param, owner, modules[owner])
             )
-        elif _STEM in where:
-            stem.append((where[_STEM][0], param))
+        elif STEM in where:
+            stem.append((where[STEM][0], param))
         else:
-            head.append((where[_HEAD][0], param))
+            head.append((where[HEAD][0], param))
     if shared:
         raise ValueError(
             f"find_blocks: parameters {shared[:3]} are used inside the chain of blocks and elsewhere (another "

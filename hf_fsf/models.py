@@ -1,4 +1,5 @@
-"""The paper's baselines: a ReLU MLP and a ResNet, with the init / learning-rate scalings of PAPER.md §6.
+"""The models hf_fsf builds: the paper's baselines (a ReLU MLP and a ResNet, with the init / learning-rate scalings of
+PAPER.md §6) and the small GPT-2 of the demo, the recipes and the tests (`small_gpt2`).
 
 Layer indexing follows the paper. A network of depth L has L weight matrices W_1 .. W_L:
 
@@ -258,3 +259,41 @@ def dense_inputs(
     """n Gaussian inputs rescaled to ‖x‖ = √d each: the paper's dense setting, so that f_1 = W_1 x has rms 1."""
     x = torch.randn(n, input_dim, generator=generator, dtype=dtype)
     return x * math.sqrt(input_dim) / x.norm(dim=1, keepdim=True)
+
+
+def small_gpt2(
+    layers: int = 4,
+    width: int = 128,
+    *,
+    heads: int | None = None,
+    block_size: int = 128,
+    vocab_size: int = 256,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    **config: object,
+):
+    """The small GPT-2 (byte vocabulary by default) that the demo, the recipes and the tests build.
+
+    heads: None = one head per 32 channels. dropout: residual and embedding dropout (attention dropout stays 0
+    unless `attn_pdrop=` is passed). seed: seeds torch before the weights are drawn (None: the current state).
+    Other keyword arguments go to GPT2Config (e.g. attn_implementation="eager" for forward-mode AD).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel  # the paper's baselines above need only torch
+
+    settings = dict(
+        vocab_size=vocab_size,
+        n_positions=block_size,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads if heads is not None else max(1, width // 32),
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=0.0,
+        # GPT-2's bos/eos id 50256 is outside a byte vocabulary; byte 0 never occurs in text.
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    settings.update(config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**settings))
