@@ -9,10 +9,13 @@ import sys
 # sub-command -> (module, one-line help). Each module exposes `cli_main(argv: list[str]) -> int`.
 COMMANDS = {
     "demo": (
-        "hf_fsf.demo",
+        "hf_fsf.experiments.demo",
         "train a small GPT-2 LM (standard, β = 1/√L, β = 1/√L with FSC control) and write a report",
     ),
-    "reproduce": ("hf_fsf.paper", "reproduce Fig. 1 and Fig. 2 of the paper (angles, sensitivities)"),
+    "reproduce": (
+        "hf_fsf.experiments.paper",
+        "reproduce Fig. 1 and Fig. 2 of the paper (angles, sensitivities)",
+    ),
     "report": ("hf_fsf.report", "turn an fsf_stats.jsonl file into figures and a markdown table"),
 }
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from hf_fsf.control import FSCOptimizer, FSCOptimizerFactory
 from hf_fsf.data import TeacherStream, load_text_dataset
-from hf_fsf.models import ResNet
+from hf_fsf.models import ResNet, small_gpt2
 
 RATE = 0.03
 
@@ -118,13 +118,12 @@ def _train_resnet(depth: int, scaling: str, beta, steps: int) -> tuple[float, fl
 
 
 def _train_gpt2(steps: int) -> tuple[float, float, float]:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from hf_fsf.callback import FeatureSpeedCallback
 
-    torch.manual_seed(0)
     splits = load_text_dataset(block_size=64)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=6, n_head=4))
+    model = small_gpt2(6, 128, block_size=64, dropout=0.1, attn_pdrop=0.1, seed=0)  # GPT2Config's dropouts
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             out, max_steps=steps, per_device_train_batch_size=16, logging_steps=max(1, steps // 6), report_to=[],

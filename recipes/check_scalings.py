@@ -6,8 +6,8 @@
 
 One GD step of a ReLU MLP per (scaling, width, depth, seed), measured by FeatureSpeedProbe; the exponents of each
 quantity in width and depth are fitted on log-log axes and a property "holds" when all its exponents are below
-the threshold in absolute value (see hf_fsf/desiderata.py). Writes desiderata.md (table), desiderata_points.csv,
-desiderata_exponents.csv and one PNG per scaling under --out, and prints the table.
+the threshold in absolute value (see hf_fsf/experiments/desiderata.py). Writes desiderata.md (table),
+desiderata_points.csv, desiderata_exponents.csv and one PNG per scaling under --out, and prints the table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from hf_fsf.desiderata import DesiderataConfig, markdown_table, run_desiderata
+from hf_fsf.experiments.desiderata import DesiderataConfig, markdown_table, run_desiderata
 
 
 def main(argv: list[str] | None = None) -> int:

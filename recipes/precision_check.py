@@ -15,17 +15,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_fsf import FeatureSpeedCallback
+from hf_fsf.models import small_gpt2
 
 
 def run(out: Path, bf16: bool, steps: int) -> list[dict]:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    model = GPT2LMHeadModel(config)
+    # GPT2Config's default dropout (0.1, attention included): the bf16 run sees the same masks.
+    model = small_gpt2(3, 32, heads=2, block_size=16, vocab_size=64, dropout=0.1, attn_pdrop=0.1, seed=0)
     g = torch.Generator().manual_seed(1)
     data = [
         {"input_ids": row, "labels": row.clone()}

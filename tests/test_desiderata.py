@@ -1,4 +1,5 @@
-"""Desiderata checks (hf_fsf/desiderata.py): the quantities, the exponent fit, and the robust verdicts on a small grid."""
+"""Desiderata checks (hf_fsf/experiments/desiderata.py): the quantities, the exponent fit, and the robust verdicts
+on a small grid."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from hf_fsf.desiderata import (
+from hf_fsf.experiments.desiderata import (
     DesiderataConfig,
     DesiderataPoint,
     Exponents,

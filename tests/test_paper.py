@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from hf_fsf import paper
 from hf_fsf.cli import main as hf_fsf_main
-from hf_fsf.paper import ReproConfig, mean_last_layer_angle, mean_sensitivity, run_reproduction
+from hf_fsf.experiments import paper
+from hf_fsf.experiments.paper import ReproConfig, mean_last_layer_angle, mean_sensitivity, run_reproduction
 
 
 def _tiny(seeds: int = 1) -> ReproConfig:

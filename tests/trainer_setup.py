@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2LMHeadModel, TrainingArguments
+
+from hf_fsf.models import small_gpt2
 
 
 def tiny_gpt2(dropout: float = 0.0, seed: int = 0, layers: int = 3) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
+    model = small_gpt2(
+        layers,
+        32,
+        heads=2,
+        block_size=16,
         vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=layers,
-        n_head=2,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
+        dropout=dropout,
         attn_pdrop=dropout,
         attn_implementation="eager",
+        seed=seed,
     )
-    return GPT2LMHeadModel(config).double()
+    return model.double()
 
 
 def token_data(n: int = 8, length: int = 12, seed: int = 1) -> list[dict]:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
+from hf_fsf.experiments.paper import ReproConfig, one_step
 from hf_fsf.models import ReLUMLP
-from hf_fsf.paper import ReproConfig, one_step
 from hf_fsf.stats import StepStats
 
 # quantity -> the desideratum it belongs to

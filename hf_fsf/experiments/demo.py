@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_fsf.callback import FeatureSpeedCallback
 from hf_fsf.control import FSCOptimizer
 from hf_fsf.data import load_text_dataset
+from hf_fsf.models import small_gpt2
 from hf_fsf.report import write_report
 from hf_fsf.residual import apply_branch_scaling
 
@@ -27,23 +28,8 @@ from hf_fsf.residual import apply_branch_scaling
 RUNS = {"standard": (None, False), "beta_1_sqrt_L": ("1/sqrt(L)", False), "fsc_1_sqrt_L": ("1/sqrt(L)", True)}
 
 
-def build_model(layers: int, width: int, block_size: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=256,
-        n_positions=block_size,
-        n_embd=width,
-        n_layer=layers,
-        n_head=max(1, width // 32),
-        resid_pdrop=0.1,
-        embd_pdrop=0.1,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
-
-
 def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, splits, out: Path) -> dict:
-    model = build_model(args.layers, args.width, args.block_size, args.seed)
+    model = small_gpt2(args.layers, args.width, block_size=args.block_size, dropout=0.1, seed=args.seed)
     if beta is not None:
         apply_branch_scaling(model, beta=beta)
     training = TrainingArguments(
@@ -111,7 +97,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset", default="stdlib", help="'stdlib', local text files / glob, or a cached `datasets` name"
     )
-    # 3 runs × 100 steps: the same step budget as the former 2 × 150, so the demo stays within ~5 min on 2 cores.
+    # 3 runs × 100 steps keep the demo within ~5 min on 2 cores.
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
