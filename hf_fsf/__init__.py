@@ -13,11 +13,11 @@ _LAZY = {
     "apply_branch_scaling": "hf_fsf.residual",
     "get_branch_scaling": "hf_fsf.residual",
     "BranchScaling": "hf_fsf.residual",
-    "FSCOptimizer": "hf_fsf.control",
-    "FSCOptimizerFactory": "hf_fsf.control",
-    "calibrate_output_scale": "hf_fsf.control",
-    "set_output_scale": "hf_fsf.control",
-    "get_output_scale": "hf_fsf.control",
+    "FSCOptimizer": "hf_fsf.fsc",
+    "FSCOptimizerFactory": "hf_fsf.fsc",
+    "calibrate_output_scale": "hf_fsf.output_scale",
+    "set_output_scale": "hf_fsf.output_scale",
+    "get_output_scale": "hf_fsf.output_scale",
 }
 
 __all__ = ["BlockLayout", "BlockStats", "FeatureSpeedProbe", "StepStats", "find_blocks", *_LAZY]

@@ -1,0 +1,595 @@
+"""FSCOptimizer: balanced per-block step sizes on top of any torch optimizer (PAPER.md §6, rule C).
+
+Every step the base optimizer takes its own step; FSC measures, per group of parameters (stem, each block, head),
+the first-order loss decrease u_g of that step and rescales the group's update so that the groups decrease the
+loss by prescribed amounts that add up to a target (`rate` × loss by default).
+
+The step is written for accelerators, where a step is bound by how many kernels the host launches and how often it
+waits for the device: work is batched per group (`torch._foreach_*`, one flattened reduction per group), the scales
+are computed on the device for all groups at once, and the step reads the device once (the loss and whether every
+gradient is finite, which decides whether the base may step at all). The record of the step (`last_step`) stays
+on the device until it is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hf_fsf.layout import HEAD, STEM, BlocksArg, find_blocks, unwrap_model
+from hf_fsf.step_loss import LossCapture, StepLossTracker
+
+BALANCES = ("blocks", "stages")
+_TRUNK = "trunk"  # balance="stages": every block group belongs to the trunk stage
+
+
+@dataclass
+class GroupStep:
+    """What FSCOptimizer did to one parameter group in one step."""
+
+    unit_contribution: float  # u_g = −⟨∇_g loss, δw_g⟩ of the base optimizer's own step (scale 1)
+    smoothed_unit: float | None  # the (EMA) estimate of u_g the scale was computed from; None when inactive
+    target: float  # the first-order loss decrease FSC aimed at for this group
+    scale: float  # s_g: the applied update is s_g × the base update
+    contribution: float  # s_g × u_g: the first-order loss decrease actually applied
+    active: bool  # False: zero/non-descent base update, excluded from the count, not moved (scale 0)
+    clipped: bool  # True when max_scale bounded the scale
+
+
+# The rows of FSCStepRecord's device tensor, in GroupStep's field order.
+_ROWS = ("unit", "smoothed", "target", "scale", "contribution", "active", "clipped")
+
+
+@dataclass
+class FSCStepRecord:
+    """One FSCOptimizer step: the loss it targeted, and per group the scale it chose. `skipped` names why not.
+
+    The per-group numbers stay on the device (one float64 tensor, a row per GroupStep field) until `groups` or
+    `target` is first read, so that recording a step costs no host sync; the first read costs one.
+    """
+
+    step: int
+    loss: float | None
+    skipped: str | None = None
+    names: list[str] = field(default_factory=list, repr=False)
+    values: torch.Tensor | None = field(default=None, repr=False)  # (len(_ROWS), len(names)), float64
+    _groups: dict[str, GroupStep] | None = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> dict[str, GroupStep]:
+        """{group name: GroupStep} ({} for a skipped step)."""
+        if self._groups is None:
+            self._groups = {}
+            if self.values is not None:
+                rows = dict(zip(_ROWS, self.values.tolist()))
+                for i, name in enumerate(self.names):
+                    active = rows["active"][i] > 0
+                    self._groups[name] = GroupStep(
+                        rows["unit"][i],
+                        rows["smoothed"][i] if active else None,
+                        rows["target"][i],
+                        rows["scale"][i],
+                        rows["contribution"][i],
+                        active,
+                        rows["clipped"][i] > 0,
+                    )
+        return self._groups
+
+    @property
+    def target(self) -> float:
+        """The total first-order loss decrease aimed at (the sum of the group targets)."""
+        return sum(g.target for g in self.groups.values())
+
+
+@dataclass
+class _Segment:
+    """The parameters of one group that have a gradient and share a device and dtype: one flat buffer's worth."""
+
+    group: int
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+
+
+def _split_options(params: Iterable) -> list[tuple[list, dict]]:
+    """Incoming params (tensors or param-group dicts, e.g. the Trainer's decay / no-decay split) as (params, options)."""
+    items = list(params)
+    if items and isinstance(items[0], Mapping):
+        return [(list(g["params"]), {k: v for k, v in g.items() if k != "params"}) for g in items]
+    return [(items, {})]
+
+
+def _model_and_options(
+    model_or_params: nn.Module | Iterable, model: nn.Module | None
+) -> tuple[nn.Module, list[tuple[list, dict]] | None]:
+    """The model FSC groups by, and the caller's (params, options) when parameters were passed."""
+    if isinstance(model_or_params, nn.Module):
+        if model is not None and model is not model_or_params:
+            raise ValueError("FSCOptimizer: got two different models (positional and model=); pass one.")
+        return unwrap_model(model_or_params), None
+    if model is None:
+        raise TypeError(
+            "FSCOptimizer needs the model to find its blocks, but got parameters only. Pass the model: "
+            "FSCOptimizer(model, ...), or with the HF Trainer optimizers=(FSCOptimizer(model, ...), None) or "
+            "optimizer_cls_and_kwargs=FSCOptimizer.trainer_args(model, ...) or (FSCOptimizerFactory, {...})."
+        )
+    return unwrap_model(model), _split_options(model_or_params)
+
+
+def _check_settings(
+    rate: float,
+    target: str,
+    balance: str,
+    ema_beta: float,
+    max_scale: float | None,
+    warmup_steps: int,
+    base_kwargs: Mapping[str, Any],
+) -> None:
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"FSCOptimizer: rate must be a finite number >= 0, got {rate}.")
+    if target not in ("loss", "absolute"):
+        raise ValueError(f"FSCOptimizer: target must be 'loss' or 'absolute', got {target!r}.")
+    if balance not in BALANCES:
+        raise ValueError(f"FSCOptimizer: balance must be one of {BALANCES}, got {balance!r}.")
+    if not 0.0 <= ema_beta < 1.0:
+        raise ValueError(f"FSCOptimizer: ema_beta must be in [0, 1) (0 = no smoothing), got {ema_beta}.")
+    if max_scale is not None and not max_scale > 0:
+        raise ValueError(f"FSCOptimizer: max_scale must be > 0 or None (no bound), got {max_scale}.")
+    if warmup_steps < 0:
+        raise ValueError(f"FSCOptimizer: warmup_steps must be >= 0 (0 = off), got {warmup_steps}.")
+    if base_kwargs.get("maximize"):
+        raise ValueError(
+            "FSCOptimizer: maximize=True is not supported; minimize the negated objective instead."
+        )
+
+
+def _fsc_groups(
+    model: nn.Module, blocks: BlocksArg, options: list[tuple[list, dict]] | None
+) -> list[tuple[str, list[nn.Parameter]]]:
+    """[(group name, trainable parameters)] in chain order, tied parameters in the stem, empty groups dropped.
+
+    With `options` (parameters handed over by the caller) only those parameters are kept.
+    """
+    wanted = None if options is None else {id(p) for ps, _ in options for p in ps}
+    groups = []
+    for name, params in find_blocks(model, blocks).parameter_groups(tied="stem").items():
+        kept = [p for p in params if p.requires_grad and (wanted is None or id(p) in wanted)]
+        if kept:
+            groups.append((name, kept))
+    if not groups:
+        raise ValueError("FSCOptimizer: the model has no trainable parameter (all have requires_grad=False).")
+    return groups
+
+
+def _base_param_groups(
+    groups: list[tuple[str, list[nn.Parameter]]], options: list[tuple[list, dict]] | None
+) -> list[dict[str, Any]]:
+    """The base's param groups: one per (FSC group × caller's option group), so per-group options survive."""
+    option_of = {id(p): i for i, (ps, _) in enumerate(options or []) for p in ps}
+    base_groups = []
+    for _, params in groups:
+        by_option: dict[int, list] = {}
+        for p in params:
+            by_option.setdefault(option_of.get(id(p), -1), []).append(p)
+        for i, sub in by_option.items():
+            base_groups.append({"params": sub, **(options[i][1] if i >= 0 else {})})
+    return base_groups
+
+
+class FSCOptimizer(torch.optim.Optimizer):
+    """Balanced per-block step sizes on top of any torch optimizer (PAPER.md §6, rule C).
+
+    Each step: the base optimizer takes its own step; for every group g (stem, each block, head) FSC measures the
+    applied update δw_g and its first-order loss decrease u_g = −⟨∇_g loss, δw_g⟩, then moves the group to
+    w_before + s_g·δw_g with s_g = t_g / u_g, where the group targets t_g = lr_g · loss / n are equal
+    (balanced contributions, BC) and add up to `rate` × loss (loss decay, LD); n counts the *active* groups.
+    (balance="stages" splits the target in three equal parts instead, stem / all blocks / head; see below.)
+
+    Why measure instead of computing the direction in closed form: the measured δw is, by definition, what the base
+    would do with its current state (momentum, Adam moments, Adafactor factors, weight decay, clipping inside the
+    optimizer), so any base works without being re-implemented. The base state is never touched by the rescale:
+    moments are functions of the gradients, not of the step taken, so they stay exactly what the base computed.
+    Bases whose state stores parameter values (schedule-free, lookahead, SWA) are not supported. Cost: a copy of
+    every parameter that has a gradient, held during step() only (+1× trainable parameter memory at peak), a
+    flattened copy of one group's gradients at a time, and a few batched operations per group.
+
+    Arguments:
+      model_or_params: the model (usual), or parameters / parameter groups together with `model=` (the groups'
+        options, e.g. weight_decay, are passed on to the base; FSC's grouping still comes from the model).
+      base: an optimizer class or any callable(param_groups, **base_kwargs) -> Optimizer. Its own lr sets the
+        reference step that `max_scale` bounds; the direction does not depend on it for the usual bases.
+      rate: FSC's learning rate, stored as every group's "lr" (so LR schedulers scale it): the target
+        first-order loss decrease per step is lr × loss (target="loss") or lr (target="absolute").
+      blocks: as for `hf_fsf.find_blocks`: None (auto-detect), block names or modules, or a BlockLayout (find the
+        layout once and pass it to every consumer); the groups are its `parameter_groups(tied="stem")`.
+      balance: how the target is split. "blocks" (default, the paper's rule C): every active group (stem, each
+        block, head) gets the same share, target/n. "stages": the stem, the trunk (all blocks together) and the
+        head each get the same share, and the trunk's share is split equally over its blocks; so the stem and
+        head keep a depth-independent share, as under depth-μP, instead of 1/(n+2) each for n blocks. On the
+        transfer benchmark's teacher ResNet (recipes/transfer.py, docs/transfer.md) the best held-out loss
+        degrades with depth under "blocks" and not under "stages", whose optimal rate is the same at depths 4-64.
+        Caveat: a head that is only a final norm (GPT-2 with tied embeddings) then gets a third of the target on
+        its own.
+      ema_beta: smoothing of u_g across steps (0 = off: exact balance at every step). The scale uses the
+        bias-corrected EMA of u_g, so the applied contribution is t_g × u_g/EMA(u_g): balanced on average. On by
+        default: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), so a batch
+        whose u_g happens to be small gets a very large step.
+      max_scale: bound on s_g, i.e. on the FSC step relative to the base optimizer's own step (None = off, the
+        default, since its meaning depends on the base lr). With a base lr you would train with, e.g. 10 is a
+        safety net against such outsized steps; a bounded group is flagged `clipped` and then contributes less
+        than its target (the shortfall is not moved to other groups).
+      warmup_steps: the target ramps linearly from 1/warmup_steps to 1 over the first steps (0 = off, the
+        default; an LR scheduler with warm-up does the same through lr).
+      capture_loss: register a forward hook on the model that records `output.loss` of training forwards (HF
+        models), so that step() needs no argument inside the Trainer.
+
+    Where the loss comes from, first available wins: step(closure) → step(loss=...) → the mean of the losses seen
+    since the last step (the hook or observe_loss) → the previous step's loss (with a warning). See
+    hf_fsf.step_loss for the Trainer's loss shares and data parallelism.
+
+    Groups: "stem" (parameters before the blocks, plus tied stem/head parameters, whose gradient then carries both
+    paths), one group per block named by its module name, "head". A group is *inactive* for a step, excluded from
+    n and left where it was (scale 0), when its base update does not decrease the loss to first order (u_g ≤ 0),
+    which covers zero gradients; frozen parameters (requires_grad=False) are in no group. A step whose loss or
+    gradients are not finite is skipped with a warning: no parameter and no base or FSC state changes.
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable,
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        rate: float = 0.01,
+        *,
+        model: nn.Module | None = None,
+        blocks: BlocksArg = None,
+        target: Literal["loss", "absolute"] = "loss",
+        balance: Literal["blocks", "stages"] = "blocks",
+        ema_beta: float = 0.9,
+        max_scale: float | None = None,
+        warmup_steps: int = 0,
+        capture_loss: bool = True,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_settings(rate, target, balance, ema_beta, max_scale, warmup_steps, base_kwargs)
+        model, options = _model_and_options(model_or_params, model)
+        groups = _fsc_groups(model, blocks, options)
+        self.target_mode = target
+        self.balance = balance
+        self.ema_beta = float(ema_beta)
+        self.max_scale = None if max_scale is None else float(max_scale)
+        self.warmup_steps = int(warmup_steps)
+        self.group_names = [n for n, _ in groups]
+        self._building = True
+        super().__init__([{"params": ps, "name": n} for n, ps in groups], {"lr": float(rate)})
+        self._building = False
+
+        self.base = base(_base_param_groups(groups, options), **base_kwargs)
+        if not isinstance(self.base, torch.optim.Optimizer):
+            raise TypeError(
+                f"FSCOptimizer: base must build a torch.optim.Optimizer, got {type(self.base).__name__}."
+            )
+        self.fsc_state: dict[str, Any] = {"step": 0, "skipped": 0, "last_loss": None}
+        # Per group: the EMA of u_g and how many steps it averages (a row each), float64 on the device.
+        self._ema: torch.Tensor | None = None
+        self._stages: torch.Tensor | None = None  # balance="stages": (stem, trunk, head) x groups, one-hot
+        self.last_step: FSCStepRecord | None = None
+        self.loss_tracker = StepLossTracker()
+        self._warned_stale = False
+        capture = LossCapture(self.loss_tracker, model)
+        self._hook = model.register_forward_hook(capture, with_kwargs=True) if capture_loss else None
+
+    # -- Trainer integration ---------------------------------------------------------------------------------
+
+    @classmethod
+    def trainer_args(cls, model: nn.Module, **kwargs: Any) -> tuple[type[FSCOptimizer], dict[str, Any]]:
+        """`optimizer_cls_and_kwargs` for transformers.Trainer, with the model bound.
+
+        The Trainer pops "model" from the kwargs and calls FSCOptimizer(model, **rest) (the path it has for
+        optimizers that need the model), so this works in every Trainer version that has optimizer_cls_and_kwargs.
+        """
+        return cls, {"model": model, **kwargs}
+
+    # -- the loss ----------------------------------------------------------------------------------------------
+
+    def observe_loss(self, loss: torch.Tensor | float, share: bool = False) -> None:
+        """Record the loss of a forward pass that feeds the next step (call once per micro-batch).
+
+        share=False: the step's loss is the mean of the recorded ones; share=True: their sum (each is a share of
+        the step's mean, as when HF models get num_items_in_batch).
+        """
+        self.loss_tracker.observe(loss, share)
+
+    def _step_loss(self, loss: torch.Tensor | float | None) -> torch.Tensor | float | None:
+        """This step's loss: a device tensor when new, the previous step's float when none is (with a warning)."""
+        value = self.loss_tracker.take(loss)
+        if value is not None or self.target_mode == "absolute":
+            return value
+        if self.fsc_state["last_loss"] is None:
+            raise RuntimeError(
+                "FSCOptimizer: the target is rate x loss but no loss is known. Pass step(loss=loss) or "
+                "step(closure), call optimizer.observe_loss(loss) after each forward, return `.loss` from the "
+                "model's forward (HF models do), or use target='absolute'."
+            )
+        if not self._warned_stale:
+            warnings.warn(
+                "FSCOptimizer: no new loss since the last step, reusing the previous one. Pass step(loss=loss) "
+                "or step(closure), or call optimizer.observe_loss(loss).",
+                stacklevel=4,
+            )
+            self._warned_stale = True
+        return self.fsc_state["last_loss"]
+
+    # -- the step ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | float | None = None
+    ) -> Any:
+        """One FSC step. closure: re-evaluates the model and returns the loss (torch convention); loss: this
+        step's loss if known. Returns the closure's loss."""
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+            loss = closure_loss
+        step_loss = self._step_loss(loss)
+        segments = self._segments()
+        loss_value, finite = self._read_loss_and_finiteness(step_loss, segments)
+        if self.target_mode == "loss" and loss_value is not None and loss_value < 0:
+            raise ValueError(
+                f"FSCOptimizer: loss {loss_value} < 0, so rate x loss is not a loss decrease. Use target='absolute'."
+            )
+        if loss_value is not None and not math.isfinite(loss_value):
+            self._skip(loss_value, f"the loss is {loss_value}")
+        elif not segments:
+            self._skip(loss_value, "no parameter has a gradient (call loss.backward() before step())")
+        elif not finite:
+            bad = {
+                self.group_names[s.group] for s in segments if not all(g.isfinite().all() for g in s.grads)
+            }
+            self._skip(loss_value, f"non-finite gradients in {sorted(bad)}")
+        else:
+            self._rescaled_base_step(segments, loss_value)
+        return closure_loss
+
+    def _segments(self) -> list[_Segment]:
+        """The parameters that have a gradient, by group and then by (device, dtype)."""
+        segments = []
+        for gi, group in enumerate(self.param_groups):
+            by_kind: dict[tuple, _Segment] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise NotImplementedError(
+                        "FSCOptimizer: sparse gradients are not supported (use a dense embedding)."
+                    )
+                segment = by_kind.setdefault((p.device, p.dtype), _Segment(gi, [], []))
+                segment.params.append(p)
+                segment.grads.append(p.grad)
+            segments += by_kind.values()
+        return segments
+
+    def _read_loss_and_finiteness(
+        self, loss: torch.Tensor | float | None, segments: list[_Segment]
+    ) -> tuple[float | None, bool]:
+        """The step's loss and whether every gradient is finite, read from the device together: the step's one
+        host sync (the base must not step on non-finite gradients, so this is read before it steps)."""
+        parts = []
+        if segments:
+            grads = [g for s in segments for g in s.grads]
+            # max |g| per tensor is non-finite exactly when the tensor has an inf or a nan, and cannot overflow.
+            maxima = torch._foreach_norm(grads, math.inf)
+            widest = functools.reduce(torch.promote_types, {m.dtype for m in maxima})
+            maxima = [
+                m.to(grads[0].device, widest) for m in maxima
+            ]  # no copy when all agree (the usual case)
+            parts.append(torch.stack(maxima).isfinite().all().to(torch.float64))
+        if isinstance(loss, torch.Tensor):
+            parts.append(loss.to(parts[0].device if parts else loss.device, torch.float64))
+        values = torch.stack(parts).tolist() if parts else []
+        finite = bool(values[0]) if segments else True
+        return (values[-1] if isinstance(loss, torch.Tensor) else loss), finite
+
+    def _skip(self, loss: float | None, reason: str) -> None:
+        warnings.warn(
+            f"FSCOptimizer: step skipped, {reason}. Parameters and optimizer state unchanged.", stacklevel=3
+        )
+        self.fsc_state["skipped"] += 1
+        self.last_step = FSCStepRecord(self.fsc_state["step"], loss, skipped=reason)
+
+    def _rescaled_base_step(self, segments: list[_Segment], loss_value: float | None) -> None:
+        """The base's step, then every group moved to w_before + s_g·δw_g."""
+        self.fsc_state["step"] += 1
+        self.fsc_state["last_loss"] = loss_value
+        flats, views = self._copy_parameters(segments)
+        self.base.step()
+        params = [p for s in segments for p in s.params]
+        # views := w_before − w_base = −δw, in place: from here on w_before is w_base + views.
+        torch._foreach_sub_(views, params)
+        unit = self._unit_contributions(segments, flats)
+        keep = 1.0 - self._scales(unit, loss_value)
+        # w = w_base + (1 − s)(w_before − w_base) = w_before + s·δw, group by group through the flat buffers.
+        for segment, flat in zip(segments, flats):
+            flat.mul_(keep[segment.group].to(flat.device))
+        torch._foreach_add_(params, views)
+
+    @staticmethod
+    def _copy_parameters(segments: list[_Segment]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """w_before: one flat buffer per segment, and its views shaped like the parameters (one batched copy)."""
+        flats, views = [], []
+        for segment in segments:
+            sizes = [p.numel() for p in segment.params]
+            first = segment.params[0]
+            flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+            flats.append(flat)
+            views += [v.view_as(p) for v, p in zip(flat.split(sizes), segment.params)]
+        torch._foreach_copy_(views, [p for s in segments for p in s.params])
+        return flats, views
+
+    def _unit_contributions(self, segments: list[_Segment], minus_deltas: list[torch.Tensor]) -> torch.Tensor:
+        """u_g = −⟨g, δw⟩ per group (0 for a group without gradients): float64, on the first segment's device.
+
+        Per segment one flattened copy of the gradients, multiplied in place by −δw and summed: the products are
+        exact in float32 for lower-precision parameters and the sum is accumulated in float32 at least (float64
+        for float64 parameters); the group's segments add up in float64.
+        """
+        dots = []
+        for segment, minus_delta in zip(segments, minus_deltas):
+            products = torch.cat([g.reshape(-1) for g in segment.grads])
+            if products.dtype not in (torch.float32, torch.float64):
+                products = products.float()
+            dots.append(products.mul_(minus_delta).sum())
+        device = dots[0].device
+        if len({(d.dtype, d.device) for d in dots}) == 1:
+            dots = list(torch.stack(dots).to(torch.float64).unbind())  # one cast for all segments
+        else:
+            dots = [d.to(device, torch.float64) for d in dots]
+        sums: dict[int, torch.Tensor] = {}
+        for segment, dot in zip(segments, dots):
+            sums[segment.group] = sums[segment.group] + dot if segment.group in sums else dot
+        missing = [gi for gi in range(len(self.param_groups)) if gi not in sums]
+        if missing:
+            sums.update(dict.fromkeys(missing, torch.zeros((), dtype=torch.float64, device=device)))
+        return torch.stack([sums[gi] for gi in range(len(self.param_groups))])
+
+    def _scales(self, unit: torch.Tensor, loss_value: float | None) -> torch.Tensor:
+        """s_g for every group (0 for inactive groups), on the device; records the step in `last_step`."""
+        active = unit.isfinite() & (unit > 0)
+        smoothed = self._smooth(unit, active)
+        k = self.fsc_state["step"]
+        warm = min(1.0, k / self.warmup_steps) if self.warmup_steps else 1.0
+        total = (loss_value if self.target_mode == "loss" else 1.0) * warm
+        lrs = [group["lr"] * total for group in self.param_groups]
+        if len(set(lrs)) == 1:
+            budget = lrs[0]  # the usual case: no per-group lr, no copy to the device
+        else:
+            budget = torch.tensor(lrs, dtype=torch.float64).to(unit.device, non_blocking=True)
+        target = self._fractions(active) * budget
+        scale = torch.where(active, target / smoothed, 0.0)
+        clipped = (
+            active & (scale > self.max_scale) if self.max_scale is not None else torch.zeros_like(active)
+        )
+        if self.max_scale is not None:
+            scale = torch.where(clipped, self.max_scale, scale)
+        rows = [unit, smoothed, target, scale, scale * unit, active, clipped]
+        values = torch.stack([r.to(torch.float64) for r in rows])
+        self.last_step = FSCStepRecord(k, loss_value, names=self.group_names, values=values)
+        return scale
+
+    def _fractions(self, active: torch.Tensor) -> torch.Tensor:
+        """Each group's fraction of the target (0 for inactive groups; the active ones add up to 1)."""
+        count = active.to(torch.float64)
+        if self.balance == "blocks":
+            return count / count.sum().clamp(min=1.0)
+        if self._stages is None or self._stages.device != active.device:
+            stage = [name if name in (STEM, HEAD) else _TRUNK for name in self.group_names]
+            onehot = [[float(t == s) for t in stage] for s in (STEM, _TRUNK, HEAD)]
+            self._stages = torch.tensor(onehot, dtype=torch.float64).to(active.device)
+        per_stage = self._stages @ count  # active groups in each stage
+        n_stages = (per_stage > 0).sum()
+        return torch.where(active, 1.0 / (n_stages * (per_stage @ self._stages)), 0.0)
+
+    def _smooth(self, unit: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Bias-corrected EMA of each active group's u_g (u_g itself when ema_beta = 0)."""
+        if self.ema_beta == 0.0:
+            return unit
+        if self._ema is None:
+            self._ema = torch.zeros(2, len(self.param_groups), dtype=torch.float64, device=unit.device)
+        ema = self._ema.to(unit.device)
+        mean = torch.where(active, self.ema_beta * ema[0] + (1.0 - self.ema_beta) * unit, ema[0])
+        count = ema[1] + active.to(torch.float64)
+        self._ema = torch.stack([mean, count])
+        return mean / (1.0 - torch.pow(self.ema_beta, count))
+
+    # -- what the callback reads -------------------------------------------------------------------------------
+
+    @property
+    def last_scales(self) -> dict[str, float]:
+        """{group name: s_g} of the last step ({} before the first step and for a skipped step)."""
+        return {n: g.scale for n, g in self.last_step.groups.items()} if self.last_step else {}
+
+    @property
+    def last_targets(self) -> dict[str, float]:
+        """{group name: targeted first-order loss decrease} of the last step."""
+        return {n: g.target for n, g in self.last_step.groups.items()} if self.last_step else {}
+
+    @property
+    def last_contributions(self) -> dict[str, float]:
+        """{group name: applied first-order loss decrease s_g·u_g} of the last step."""
+        return {n: g.contribution for n, g in self.last_step.groups.items()} if self.last_step else {}
+
+    # -- torch.optim.Optimizer plumbing ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_building", False):
+            raise NotImplementedError(
+                "FSCOptimizer: groups come from the model's blocks; to train more parameters, set requires_grad "
+                "before building the optimizer and build a new one."
+            )
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        fsc = {k: self.fsc_state[k] for k in ("step", "skipped", "last_loss")}
+        fsc["ema"], fsc["ema_count"] = {}, {}
+        if self._ema is not None:
+            for name, mean, count in zip(self.group_names, *self._ema.tolist()):
+                if count > 0:
+                    fsc["ema"][name], fsc["ema_count"][name] = mean, int(count)
+        return {"state": {}, "param_groups": groups, "base": self.base.state_dict(), "fsc": fsc}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "base" not in state_dict or "fsc" not in state_dict:
+            raise ValueError(
+                "FSCOptimizer.load_state_dict: not an FSCOptimizer state dict (no 'base'/'fsc' entry)."
+            )
+        names = [g.get("name") for g in state_dict["param_groups"]]
+        if names != self.group_names:
+            raise ValueError(
+                f"FSCOptimizer.load_state_dict: saved groups {names} differ from this optimizer's {self.group_names}; "
+                "build the optimizer on the same model (same blocks, same trainable parameters)."
+            )
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.base.load_state_dict(state_dict["base"])
+        fsc = state_dict["fsc"]
+        self.fsc_state = {
+            "step": int(fsc["step"]),
+            "skipped": int(fsc["skipped"]),
+            "last_loss": fsc["last_loss"],
+        }
+        means = [float(fsc["ema"].get(n, 0.0)) for n in self.group_names]
+        counts = [float(fsc["ema_count"].get(n, 0)) for n in self.group_names]
+        self._ema = torch.tensor([means, counts], dtype=torch.float64)  # moved to the device at the next step
+
+    def close(self) -> None:
+        """Remove the loss-capture hook from the model."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class FSCOptimizerFactory:
+    """FSCOptimizer for `optimizer_cls_and_kwargs` without binding the model first.
+
+    Use `optimizer_cls_and_kwargs=(FSCOptimizerFactory, {"rate": ...})`. Not an Optimizer subclass on purpose:
+    transformers' Trainer (5.x) then treats it as a factory and calls FSCOptimizerFactory()(model, **kwargs). An
+    instance, FSCOptimizerFactory(), works too (called without a model it returns itself). Trainers without
+    optimizer factories: use FSCOptimizer.trainer_args.
+    """
+
+    def __call__(self, model: nn.Module | None = None, **kwargs: Any) -> FSCOptimizer | FSCOptimizerFactory:
+        if model is None:
+            if kwargs:
+                raise TypeError(
+                    "FSCOptimizerFactory: got settings but no model; call it as factory(model, **settings)."
+                )
+            return self
+        return FSCOptimizer(model, **kwargs)
