@@ -2,40 +2,40 @@
 
     trainer = Trainer(..., callbacks=[FeatureSpeedCallback(every=1, angle_every=50)])
 
-A thin adapter: the Trainer's events drive the probe's begin / before-step / after-step calls; the stats go to
-`output_dir/fsf_stats.jsonl` (one line per measured step), to the Trainer's own logs (averaged between logging
-steps, so every `report_to` backend and `state.log_history` receive them), and to figures at the end of training.
+A thin adapter: the Trainer's events drive the probe's begin / before-step / after-step calls, and the stats go
+- to `output_dir/fsf_stats.jsonl`, everything, one line per measured step;
+- averaged between log entries, to the `report_to` trackers: every summary and the per-block fields `log_blocks`,
+  plus block × step heatmaps every `heatmap_every` log entries (hf_fsf/tracker_images.py);
+- to the console and `trainer_state.json`'s `log_history`: the summaries `log_summary` only, so the file grows by
+  well under 1 KB per log entry at any depth (hf_fsf/logging_plan.py says what goes where and why);
+- at train end, to the report `output_dir/fsf_report/`.
 
-Ordering: the Trainer calls user callbacks after its reporting integrations, and records a log entry before any
-`on_log` runs. So at train begin this callback moves itself to the front of the Trainer's callback list; its
-`on_log` then adds the `fsf/...` keys to the entry before TensorBoard, W&B, ... see it. The console printer is
-told to show only the summary keys.
+A wrong configuration (blocks not found, a bad argument) stops the run before its first step with a ValueError;
+a fault during training is a warning and a skipped measurement. A run that died (Ctrl-C, OOM) never reached
+`on_train_end`: the next run of the same callback closes its probe before it opens a new one.
+
+Ordering: the Trainer calls user callbacks after its reporting integrations and gives a callback no handle on the
+others, so at train begin this callback finds the Trainer's callback list (see `_trainer_callbacks`) and moves
+itself to the front: its `on_log` then adds the `fsf/...` keys to the entry before TensorBoard, W&B, ... see it.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import numbers
 import os
 import sys
 import warnings
-from collections import defaultdict
 
+from torch import nn
 from transformers import TrainerCallback
+from transformers import __version__ as transformers_version
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 
+from hf_fsf import logging_plan, stats_file, tracker_images
+from hf_fsf.layout import BlockLayout
+from hf_fsf.logging_plan import PREFIX, Averages
 from hf_fsf.probe import FeatureSpeedProbe
 from hf_fsf.stats import STATS_FILE, StepStats
-
-PREFIX = "fsf"
-# Keys shown on the console (all keys still reach the trackers and log_history).
-CONSOLE_KEYS = (
-    "cos_theta_min",
-    "cos_theta_mean",
-    "relative_speed_mean",
-    "total_loss_decrease",
-    "fsf_ratio_max_error",
-)
 
 
 def _real_optimizer(optimizer):
@@ -43,39 +43,51 @@ def _real_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-class _Averages:
-    """Running means of the flat stats between two logging steps (angle fields only over angle steps)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, flat: dict[str, float]) -> None:
-        for key, value in flat.items():
-            if value is not None and math.isfinite(value):
-                self.sums[key] += value
-                self.counts[key] += 1
-
-    def pop(self) -> dict[str, float]:
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
-        self.sums.clear()
-        self.counts.clear()
-        return means
+def _whole_number(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"FeatureSpeedCallback({name}={value!r}): expected a whole number >= {minimum}.")
+    return int(value)
 
 
-def _quiet_console(printer: TrainerCallback) -> None:
-    """Makes the console printer show only the summary fsf/ keys (its type and place are left unchanged)."""
+def _checked_blocks(blocks):
+    """The types FeatureSpeedProbe takes; whether the names exist is checked on the model at train begin."""
+    if blocks is None or isinstance(blocks, (str, BlockLayout)):
+        return blocks
+    if isinstance(blocks, (list, tuple)) and all(isinstance(b, (str, nn.Module)) for b in blocks):
+        return blocks
+    raise ValueError(
+        f"FeatureSpeedCallback(blocks={blocks!r}): expected None (auto-detect), the name of a block list, a list of "
+        "module names or modules, or a BlockLayout."
+    )
+
+
+def _trainer_callbacks(callback: TrainerCallback) -> list | None:
+    """The Trainer's callback list, read off the call stack; None if not found.
+
+    No documented route exists: events pass the model, optimizer, scheduler and dataloaders but not the
+    CallbackHandler, and the log entry is built inside Trainer._maybe_log_save_evaluate before any event can add
+    to it. The handler is the `self` of CallbackHandler.call_event, which is calling us. If a transformers release
+    changes that, tests/test_callback.py::test_fsf_keys_reach_a_tracker_registered_before_the_callback fails.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and callback in owner.callbacks:
+            return owner.callbacks
+        frame = frame.f_back
+    return None
+
+
+def _console_shows_the_history(printer: TrainerCallback) -> None:
+    """The console printer shows only the fsf/ keys that log_history kept (its type and place stay unchanged)."""
     if getattr(printer, "_fsf_quiet", False):
         return
     original = printer.on_log
 
     def on_log(args, state, control, logs=None, **kwargs):
-        if logs:
-            logs = {
-                k: v
-                for k, v in logs.items()
-                if not k.startswith(PREFIX + "/") or k.split("/", 1)[1] in CONSOLE_KEYS
-            }
+        if logs and state.log_history:
+            kept = state.log_history[-1]
+            logs = {k: v for k, v in logs.items() if not k.startswith(PREFIX + "/") or k in kept}
         return original(args, state, control, logs=logs, **kwargs)
 
     printer.on_log = on_log
@@ -88,27 +100,54 @@ class FeatureSpeedCallback(TrainerCallback):
     every: cheap stats (no re-forward) every `every` optimizer steps. angle_every: the angle (one extra no-grad
     forward over the step's micro-batches, random state replayed) every `angle_every` steps; 0 disables it.
     blocks: as in FeatureSpeedProbe (None: auto-detect). figures: write the report at train end.
+    log_blocks: per-block fields sent to the trackers, from logging_plan.BLOCK_LOG_FIELDS (() for none).
+    log_summary: summaries also shown on the console and kept in log_history, from logging_plan.SUMMARY_KEYS.
+    heatmap_every: block × step heatmaps to TensorBoard / W&B every this many log entries (0: never).
     """
 
-    def __init__(self, every: int = 1, angle_every: int = 50, blocks=None, figures: bool = True) -> None:
-        if every < 1 or angle_every < 0:
-            raise ValueError("FeatureSpeedCallback: every must be >= 1 and angle_every >= 0 (0 = never).")
-        self.every, self.angle_every, self.blocks, self.figures = every, angle_every, blocks, figures
+    def __init__(
+        self,
+        every: int = 1,
+        angle_every: int = 50,
+        blocks=None,
+        figures: bool = True,
+        log_blocks=logging_plan.DEFAULT_LOG_BLOCKS,
+        log_summary=logging_plan.DEFAULT_LOG_SUMMARY,
+        heatmap_every: int = 10,
+    ) -> None:
+        self.every = _whole_number("every", every, 1)
+        self.angle_every = _whole_number("angle_every", angle_every, 0)
+        self.heatmap_every = _whole_number("heatmap_every", heatmap_every, 0)
+        if not isinstance(figures, bool):
+            raise ValueError(f"FeatureSpeedCallback(figures={figures!r}): expected True or False.")
+        self.blocks, self.figures = _checked_blocks(blocks), figures
+        self.log_blocks = logging_plan.checked_names("log_blocks", log_blocks, logging_plan.BLOCK_LOG_FIELDS)
+        self.log_summary = logging_plan.checked_names("log_summary", log_summary, logging_plan.SUMMARY_KEYS)
         self.probe: FeatureSpeedProbe | None = None
-        self.averages = _Averages()
         self.last: StepStats | None = None
+        self._start_run_state()
+
+    def _start_run_state(self) -> None:
+        """What one run accumulates; a new run starts from nothing."""
+        self.averages = Averages()
         self._measuring = False
         self._jsonl: str | None = None
+        self._callbacks: list = []
+        self._heatmaps: tracker_images.HeatmapColumns | None = None
+        self._logs_since_heatmap = 0
 
     # --- Trainer events ------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._move_to_front()
+        self._close_probe()  # left open by a run that died before on_train_end
+        self._start_run_state()
+        self._take_the_front_seat()
         try:
             self.probe = FeatureSpeedProbe(model, blocks=self.blocks, strict=False)
+        except (ValueError, TypeError) as error:  # the configuration: stop before the first step
+            raise ValueError(f"FeatureSpeedCallback(blocks={self.blocks!r}): {error}") from error
         except Exception as error:  # a model we cannot read must not stop training
             warnings.warn(f"FeatureSpeedCallback disabled: {error}", stacklevel=2)
-            self.probe = None
             return
         if getattr(args, "fp16", False):
             warnings.warn(
@@ -116,9 +155,10 @@ class FeatureSpeedCallback(TrainerCallback):
                 "sensitivities are off by the loss scale; use bf16, or read only cos θ and relative speed.",
                 stacklevel=2,
             )
+        self._heatmaps = tracker_images.HeatmapColumns(self.probe.block_names)
         self._jsonl = os.path.join(args.output_dir, STATS_FILE)
         if state.is_world_process_zero:
-            self._truncate_after(state.global_step)
+            stats_file.truncate_after(self._jsonl, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         step = state.global_step  # steps done so far; this step will be number step + 1
@@ -145,26 +185,28 @@ class FeatureSpeedCallback(TrainerCallback):
             record["scales"] = dict(scales)
         self.last = stats
         if stats.valid:
-            flat = stats.to_dict(PREFIX)
-            flat.update({f"{PREFIX}/{name}/scale": float(s) for name, s in (scales or {}).items()})
-            self.averages.add(flat)
+            self.averages.add(logging_plan.flat_stats(stats, scales))
         if state.is_world_process_zero and self._jsonl:
-            os.makedirs(os.path.dirname(self._jsonl) or ".", exist_ok=True)
-            with open(self._jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            stats_file.append_record(self._jsonl, record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return  # evaluation and end-of-training summaries
         means = self.averages.pop()
-        logs.update(means)
+        logs.update(logging_plan.for_trackers(means, self.log_blocks))
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(means)  # the entry was recorded before on_log ran
+            # The entry was copied into log_history before on_log ran: add only what it should keep.
+            state.log_history[-1].update(logging_plan.for_history(means, self.log_summary))
+        if self._heatmaps is not None and state.is_world_process_zero and self.heatmap_every:
+            self._heatmaps.add(state.global_step, means)
+            self._logs_since_heatmap += 1
+            if self._logs_since_heatmap >= self.heatmap_every:
+                self._send_heatmaps(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.probe is not None:
-            self.probe.close()
-            self.probe = None
+        if self._logs_since_heatmap and state.is_world_process_zero:
+            self._send_heatmaps(state.global_step)  # before the trackers close their writers
+        self._close_probe()
         if self.figures and state.is_world_process_zero and self._jsonl and os.path.exists(self._jsonl):
             try:
                 from hf_fsf.report import write_report
@@ -192,38 +234,37 @@ class FeatureSpeedCallback(TrainerCallback):
                 self.probe.abort_step()
             return False
 
-    def _move_to_front(self) -> None:
-        """Reorders the Trainer's callbacks (see the module docstring). The handler is the caller's `self`."""
-        frame = sys._getframe(1)
-        while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
-            frame = frame.f_back
-        if frame is None:
+    def _close_probe(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+    def _take_the_front_seat(self) -> None:
+        """Moves this callback ahead of the trackers; the console printer shows what log_history keeps."""
+        callbacks = _trainer_callbacks(self)
+        if callbacks is None:
             warnings.warn(
-                "FeatureSpeedCallback: Trainer callback list not found; fsf/ keys reach log_history only.",
+                f"FeatureSpeedCallback: the Trainer's callback list was not found (transformers "
+                f"{transformers_version}); fsf/ summaries reach log_history only, no tracker receives them.",
                 stacklevel=3,
             )
             return
-        callbacks = frame.f_locals["self"].callbacks
-        # Removing at index i and inserting at 0 keeps the running iteration over the list intact.
+        # Removing at index i and inserting at 0 keeps the Trainer's running iteration over the list intact.
         callbacks.remove(self)
         callbacks.insert(0, self)
         for callback in callbacks:
             if isinstance(callback, (ProgressCallback, PrinterCallback)):
-                _quiet_console(callback)
+                _console_shows_the_history(callback)
+        self._callbacks = callbacks
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps after the checkpoint: they are measured again."""
-        if not os.path.exists(self._jsonl):
+    def _send_heatmaps(self, step: int) -> None:
+        self._logs_since_heatmap = 0
+        receivers = tracker_images.trackers(self._callbacks)
+        if not receivers or self._heatmaps is None:
             return
-        kept = []
-        with open(self._jsonl) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short when a run was killed
-        tmp = self._jsonl + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self._jsonl)
+        try:
+            tracker_images.send(self._heatmaps.images(), receivers, step)
+        except Exception as error:
+            warnings.warn(
+                f"FeatureSpeedCallback: heatmaps not sent ({type(error).__name__}: {error}).", stacklevel=3
+            )
