@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that only make a new view / alias or allocate uninitialized memory: no kernel on a GPU.
@@ -45,6 +46,8 @@ NON_LAUNCHING = frozenset(
 
 # Ops that copy a device scalar to the host (a sync on a GPU).
 HOST_SYNCS = frozenset({"aten._local_scalar_dense", "aten.item"})
+# Tensor methods that read a tensor to the host without dispatching an op on CPU (on a GPU they copy and sync).
+HOST_READS = ("tolist", "numpy")
 
 
 def _op_name(func) -> str:
@@ -62,7 +65,7 @@ class _OpCounter(TorchDispatchMode):
         name = _op_name(func)
         if name in HOST_SYNCS:
             self.syncs += 1
-        elif name not in NON_LAUNCHING:
+        elif name not in NON_LAUNCHING and func.namespace != "profiler":
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -70,9 +73,29 @@ class _OpCounter(TorchDispatchMode):
 def count_ops(fn: Callable[[], object]) -> tuple[collections.Counter[str], int]:
     """Run fn() once; return (Counter of kernel-launching ATen op names, number of host syncs).
 
-    Host syncs (`aten._local_scalar_dense`, `aten.item`) are counted apart and not in the Counter.
+    Host syncs are counted apart and not in the Counter: `aten._local_scalar_dense` / `aten.item` (`.item()`,
+    `float(t)`, `bool(t)`) and calls of `Tensor.tolist()` / `Tensor.numpy()`. Profiler markers are not counted.
     """
     counter = _OpCounter()
-    with counter:
-        fn()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    inherited = [name for name in HOST_READS if name not in vars(torch.Tensor)]
+
+    def reading(original):
+        def read(tensor, *args, **kwargs):
+            counter.syncs += 1
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, reading(original))
+        with counter:
+            fn()
+    finally:
+        for name, original in originals.items():
+            if name in inherited:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
     return counter.ops, counter.syncs
