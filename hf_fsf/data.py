@@ -90,6 +90,10 @@ class ByteBlockDataset(Dataset):
         """Bytes covered by the blocks (the dropped tail excluded)."""
         return self._num_blocks * self.block_size
 
+    def to_bytes(self) -> bytes:
+        """The text the blocks cover, e.g. to tokenize it with a real tokenizer (block_size=1 keeps it all)."""
+        return self._bytes[: self.num_bytes].numpy().tobytes()
+
 
 @dataclass
 class TextSplits:

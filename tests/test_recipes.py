@@ -14,27 +14,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 TINY_LM = [
-    "max_steps=3",
-    "layers=2",
-    "width=32",
-    "heads=2",
-    "block_size=32",
-    "max_bytes=20000",
-    "batch_size=2",
-    "eval_blocks=4",
-    "logging_steps=1",
-    "fsf_angle_every=1",
-]
+    "--max_steps", "3", "--layers", "2", "--width", "32", "--heads", "2", "--block_size", "32",
+    "--max_bytes", "20000", "--per_device_train_batch_size", "2", "--eval_blocks", "4", "--logging_steps", "1",
+    "--fsf_angle_every", "1",
+]  # fmt: skip
 
 
-def _env() -> dict:
+def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    extra = dict(extra or {})
+    paths = [extra.pop("PYTHONPATH", ""), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return {**env, **extra}
 
 
-def _run(args: list[str], timeout: float = 120) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+def _run(args: list[str], timeout: float = 120, env: dict | None = None) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, env=_env(env), cwd=ROOT, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -50,7 +45,7 @@ def _load_recipe(name: str):
 def lm_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_lm")
     _run([sys.executable, str(RECIPES / "train_lm.py"), "--config", str(ROOT / "configs/train_lm.yaml"),
-          *TINY_LM, f"output_dir={out}"])  # fmt: skip
+          *TINY_LM, "--output_dir", str(out)])  # fmt: skip
     return out
 
 
@@ -68,9 +63,9 @@ def test_train_lm_writes_checkpoint_and_stats(lm_run):
 
 
 def test_finetune_classifies_from_the_lm_checkpoint(lm_run, tmp_path):
-    stdout = _run([sys.executable, str(RECIPES / "finetune.py"), f"checkpoint={lm_run / 'final'}",
-                   "max_steps=3", "snippets_per_class=8", "snippet_bytes=32", "batch_size=4",
-                   f"output_dir={tmp_path}"])  # fmt: skip
+    stdout = _run([sys.executable, str(RECIPES / "finetune.py"), "--checkpoint", str(lm_run / "final"),
+                   "--max_steps", "3", "--snippets_per_class", "8", "--snippet_bytes", "32",
+                   "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)])  # fmt: skip
     metrics = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert "eval_accuracy" in stdout
@@ -98,16 +93,50 @@ def test_local_accuracy_metric_matches_an_independent_count():
         metric.compute(predictions=[0, 1], references=[0])
 
 
-def test_config_overrides_are_typed_and_checked(tmp_path):
+def test_train_lm_resumes_from_its_checkpoint_and_continues_the_stats(lm_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lm_run, run)
+    stats = run / "fsf_stats.jsonl"
+    # Marks the first record: a resumed run keeps the records up to its checkpoint, a fresh run rewrites them.
+    lines = stats.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "marker": True})
+    stats.write_text("\n".join(lines) + "\n")
+    checkpoint = (
+        run / "checkpoint-3"
+    )  # the Trainer saves at the last step (save_strategy: steps in the config)
+    assert (checkpoint / "trainer_state.json").exists()
+    _run([sys.executable, str(RECIPES / "train_lm.py"), *TINY_LM, "--max_steps", "5", "--output_dir", str(run),
+          "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
+    records = [json.loads(line) for line in stats.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[0].get("marker") is True
+    state = json.loads((run / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5
+
+
+def test_recipe_args_take_a_yaml_config_and_hf_flags(tmp_path):
+    from hf_fsf.recipe_support import FeatureSpeedArguments, parse_recipe_args
+
     train_lm = _load_recipe("train_lm")
-    config = train_lm.load_config(
-        ROOT / "configs/train_lm.yaml", ["max_steps=7", "beta=1/sqrt(L)", "report_to=[]"]
-    )
-    assert config["max_steps"] == 7 and config["beta"] == "1/sqrt(L)" and config["report_to"] == []
-    with pytest.raises(KeyError, match="max_stpes"):
-        train_lm.load_config(ROOT / "configs/train_lm.yaml", ["max_stpes=7"])
-    with pytest.raises(ValueError, match="key=value"):
-        train_lm.load_config(ROOT / "configs/train_lm.yaml", ["max_steps"])
+    config = tmp_path / "config.yaml"
+    config.write_text("max_steps: 11\nlayers: 3\nfsf_every: 2\nlearning_rate: 0.01\nreport_to: none\n")
+    flags = ["--config", str(config), "--max_steps", "7", "--save_strategy", "steps", "--bf16",
+             "--gradient_checkpointing", "--beta", "1/sqrt(L)", "--output_dir", str(tmp_path)]  # fmt: skip
+    lm, fsf, training = parse_recipe_args((train_lm.LMArguments, FeatureSpeedArguments), config, flags)
+    assert training.max_steps == 7  # the flag wins over the config
+    assert (
+        training.learning_rate == 0.01 and lm.layers == 3 and fsf.fsf_every == 2
+    )  # the config over defaults
+    assert lm.width == 128 and fsf.fsf_angle_every == 50  # defaults where neither says anything
+    assert training.save_strategy == "steps" and training.bf16 and training.gradient_checkpointing
+    assert lm.beta == "1/sqrt(L)" and train_lm.branch_beta("0.5") == 0.5
+    assert not torch.cuda.is_available() or not training.use_cpu
+
+    with pytest.raises(ValueError, match="--max_steps 7"):
+        parse_recipe_args((train_lm.LMArguments, FeatureSpeedArguments), config, ["max_steps=7"])
+    config.write_text("max_stpes: 3\n")
+    with pytest.raises(ValueError, match="max_stpes.*Did you mean max_steps"):
+        parse_recipe_args((train_lm.LMArguments, FeatureSpeedArguments), config, [])
 
 
 def test_bench_overhead_quick_prints_the_table():
@@ -125,9 +154,20 @@ def test_bench_overhead_quick_prints_the_table():
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate CLI not installed")  # fmt: skip
 def test_train_lm_under_accelerate_runs_two_processes(tmp_path):
+    # A stand-in tracker whose finish hook is an exit handler (as W&B's and MLflow's are): it must run on every
+    # rank although the processes leave through os._exit.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(lambda: open(os.path.join(os.environ['FINISHED_DIR'], 'rank' + os.environ.get('RANK', "
+        "'x')), 'w').close())\n"
+    )
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    env = {"PYTHONPATH": str(hooks), "FINISHED_DIR": str(tmp_path)}
     stdout = _run([launcher, "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-                   str(RECIPES / "train_lm.py"), *TINY_LM, f"output_dir={tmp_path}"])  # fmt: skip
+                   str(RECIPES / "train_lm.py"), *TINY_LM, "--output_dir", str(tmp_path)], env=env)  # fmt: skip
+    assert (tmp_path / "rank0").exists() and (tmp_path / "rank1").exists()
     assert "processes: 2" in stdout
     assert (tmp_path / "final" / "model.safetensors").exists()
     # Only the main process writes the stats: one record per step, not two.
