@@ -6,6 +6,9 @@ geometric grid of learning rates (FSC: of its `rate`) with several seeds, and me
     python recipes/transfer.py --quick                       # small grid, ~30 s on 2 cores
     python recipes/transfer.py --tasks teacher --sweeps width,depth --steps 300 --seeds 2 --workers 2
 
+The grids (sizes, steps, batch sizes, learning-rate centres, seeds) are in configs/transfer.yaml (`--config`);
+the flags below override them.
+
 Tasks: "teacher" (ResNet on a TeacherStream: fresh samples every step, a held-out set from the same distribution,
 a loss floor of noise²), "gpt2" (GPT-2-style byte LM on the stdlib corpus, less than one epoch), "digits"
 (scikit-learn's digits, real data; it memorizes quickly, so its test *accuracy* is the number to read).
@@ -37,17 +40,17 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-PARAMETRIZATIONS = ("standard", "mup", "depth-mup", "fsc", "fsc-stages")
-FSC_PARAMETRIZATIONS = ("fsc", "fsc-stages")  # FSCOptimizer's balance: "blocks" (default), "stages"
-TASKS = ("teacher", "gpt2", "digits")
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "transfer.yaml"
 SWEEPS = ("width", "depth")
 SCHEDULES = ("linear", "constant")
 SUMMARY_COLUMNS = ("task", "sweep", "parametrization", "size", "optimal_lr", "best_loss", "drift", "regret")
@@ -56,8 +59,25 @@ FSC_BASE_LR = 1e-3  # the base AdamW's own lr under FSC: only the reference step
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """One task's grid: sizes, the fixed width/depth of the other sweep, steps, batch, lr grid centers."""
+class Parametrization:
+    depth_branch: bool  # branch β = 1/√L (ResNet and GPT-2); else ResNet β = 1/√2 and GPT-2 as in HF
+    mup: bool  # μP readout and init, set_base_shapes, MuAdamW
+    depth_lr: bool  # depth-μP: block learning rates × √(L_base/L)
+    fsc_balance: str | None  # FSCOptimizer over AdamW with this balance; None: no FSC
+
+
+PARAMETRIZATIONS = {
+    "standard": Parametrization(depth_branch=False, mup=False, depth_lr=False, fsc_balance=None),
+    "mup": Parametrization(depth_branch=False, mup=True, depth_lr=False, fsc_balance=None),
+    "depth-mup": Parametrization(depth_branch=True, mup=True, depth_lr=True, fsc_balance=None),
+    "fsc": Parametrization(depth_branch=True, mup=False, depth_lr=False, fsc_balance="blocks"),
+    "fsc-stages": Parametrization(depth_branch=True, mup=False, depth_lr=False, fsc_balance="stages"),
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One task's grid (a task entry of configs/transfer.yaml)."""
 
     widths: tuple[int, ...]
     depths: tuple[int, ...]
@@ -68,32 +88,6 @@ class TaskSpec:
     centers: dict  # parametrization -> center of the geometric lr grid
     block_size: int = 64  # gpt2 only
     eval_size: int = 2048  # held-out samples (teacher) or blocks (gpt2)
-
-
-FULL = {
-    "teacher": TaskSpec(
-        (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 300, 64,
-        {"standard": 1e-2, "mup": 3e-2, "depth-mup": 3e-2, "fsc": 0.4, "fsc-stages": 0.3},
-    ),
-    "gpt2": TaskSpec(
-        (64, 128, 256), (2, 4, 8), 128, 4, 200, 16,
-        {"standard": 2e-3, "mup": 3.5e-3, "depth-mup": 3.5e-3, "fsc": 0.085, "fsc-stages": 0.1}, eval_size=64,
-    ),
-    "digits": TaskSpec(
-        (64, 128, 256, 512, 1024), (4, 8, 16, 32, 64), 128, 8, 200, 64,
-        {"standard": 4e-3, "mup": 4e-3, "depth-mup": 6e-3, "fsc": 0.6, "fsc-stages": 0.25},
-    ),
-}  # fmt: skip
-QUICK = {
-    "teacher": replace(FULL["teacher"], widths=(32, 128), depths=(4, 16), fixed_width=32, fixed_depth=4, steps=60),
-    "gpt2": replace(
-        FULL["gpt2"], widths=(32, 64), depths=(2, 4), fixed_width=32, fixed_depth=2, steps=15, batch_size=8,
-        block_size=32, eval_size=16,
-    ),
-    "digits": replace(FULL["digits"], widths=(32, 128), depths=(4, 16), fixed_width=32, fixed_depth=4, steps=60),
-}  # fmt: skip
-FULL_LR_POINTS, FULL_LR_FACTOR = 13, math.sqrt(2)  # √2 steps resolve a drift of 2; 64x range
-QUICK_LR_POINTS, QUICK_LR_FACTOR = 3, 4.0
 
 
 @dataclass(frozen=True)
@@ -152,18 +146,14 @@ class SummaryRow:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _beta(parametrization: str) -> float | str:
-    """Branch rule: 1/√L for depth-μP and FSC, the constant 1/√2 otherwise."""
-    return "1/sqrt(L)" if parametrization in ("depth-mup", *FSC_PARAMETRIZATIONS) else STANDARD_BETA
-
-
 def build_resnet(parametrization: str, width: int, depth: int, d_in: int, d_out: int) -> nn.Module:
     """The hf_fsf ResNet for a parametrization (μP variants get a MuReadout; base shapes are set by the caller)."""
     from hf_fsf.models import ResNet
 
-    scaling = "fsc" if parametrization in FSC_PARAMETRIZATIONS else "standard"
-    model = ResNet(d_in, width, depth, d_out, beta=_beta(parametrization), scaling=scaling)
-    if parametrization in ("mup", "depth-mup"):
+    p = PARAMETRIZATIONS[parametrization]
+    beta = "1/sqrt(L)" if p.depth_branch else STANDARD_BETA
+    model = ResNet(d_in, width, depth, d_out, beta=beta, scaling="fsc" if p.fsc_balance else "standard")
+    if p.mup:
         from mup import MuReadout
 
         readout = MuReadout(width, d_out, bias=False, readout_zero_init=False)
@@ -173,66 +163,27 @@ def build_resnet(parametrization: str, width: int, depth: int, d_in: int, d_out:
     return model
 
 
-def _block_param_ids(model: nn.Module) -> set[int]:
-    """Parameters inside the residual blocks (ResNet `blocks`, GPT-2 `transformer.h`)."""
-    blocks = model.transformer.h if hasattr(model, "transformer") else model.blocks
-    return {id(p) for p in blocks.parameters()}
-
-
-def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (standard), MuAdamW (μP; depth-μP with block lrs × √(L_base/L)), or FSCOptimizer over AdamW."""
-    if cfg.parametrization == "standard":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    if cfg.parametrization in FSC_PARAMETRIZATIONS:
-        from hf_fsf.control import FSCOptimizer
-
-        balance = "stages" if cfg.parametrization == "fsc-stages" else "blocks"
-        return FSCOptimizer(
-            model, base=torch.optim.AdamW, rate=cfg.lr, balance=balance, lr=FSC_BASE_LR, weight_decay=0.0
-        )
-    from mup import MuAdamW
-
-    factor = math.sqrt(cfg.base_depth / cfg.depth) if cfg.parametrization == "depth-mup" else 1.0
-    inside = _block_param_ids(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) in inside], "lr": cfg.lr * factor},
-        {"params": [p for p in params if id(p) not in inside], "lr": cfg.lr},
-    ]
-    return MuAdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.0)
-
-
-def _set_mup_shapes(model: nn.Module, build: Callable[[int], nn.Module], base_width: int, **kw) -> None:
-    """set_base_shapes against the base width (and 2x it as the delta that marks which dims grow)."""
-    from mup import set_base_shapes
-
-    set_base_shapes(model, build(base_width), delta=build(2 * base_width), **kw)
-
-
 def build_gpt2(cfg: RunConfig, width: int | None = None, shapes: bool = True) -> nn.Module:
     """GPT-2-style byte LM (4 heads, no dropout, tied embeddings) for a parametrization."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    from hf_fsf.models import small_gpt2
     from hf_fsf.residual import apply_branch_scaling
 
+    p = PARAMETRIZATIONS[cfg.parametrization]
     width = cfg.width if width is None else width
-    config = GPT2Config(
-        vocab_size=256, n_positions=cfg.block_size, n_embd=width, n_layer=cfg.depth, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None,
+    model = small_gpt2(
+        cfg.depth, width, heads=4, block_size=cfg.block_size, tie_word_embeddings=True, bos_token_id=None,
         eos_token_id=None,
     )  # fmt: skip
-    model = GPT2LMHeadModel(config)
-    if cfg.parametrization in ("depth-mup", *FSC_PARAMETRIZATIONS):
+    if p.depth_branch:
         apply_branch_scaling(model, "1/sqrt(L)")
-    if cfg.parametrization in ("mup", "depth-mup"):
+    if p.mup:
         from mup import MuSharedReadout
 
+        # hidden matrices: variance ∝ 1/width, equal to HF's 0.02² at the base width
+        std = model.config.initializer_range * math.sqrt(cfg.base_width / width)
         for block in model.transformer.h:
             block.attn.scaling = 1.0 / block.attn.head_dim  # μP attention: 1/d_head, not 1/√d_head
-            with (
-                torch.no_grad()
-            ):  # hidden matrices: variance ∝ 1/width, equal to HF's 0.02² at the base width
-                std = config.initializer_range * math.sqrt(cfg.base_width / width)
+            with torch.no_grad():
                 for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
                     module.weight.normal_(0.0, std)
         model.lm_head = MuSharedReadout(model.transformer.wte.weight, bias=False)
@@ -242,6 +193,133 @@ def build_gpt2(cfg: RunConfig, width: int | None = None, shapes: bool = True) ->
                 model, lambda w: build_gpt2(cfg, width=w, shapes=False), cfg.base_width, rescale_params=False
             )
     return model
+
+
+def _set_mup_shapes(model: nn.Module, build: Callable[[int], nn.Module], base_width: int, **kw) -> None:
+    """set_base_shapes against the base width (and 2x it as the delta that marks which dims grow)."""
+    from mup import set_base_shapes
+
+    set_base_shapes(model, build(base_width), delta=build(2 * base_width), **kw)
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (standard), MuAdamW (μP; depth-μP with block lrs × √(L_base/L)), or FSCOptimizer over AdamW."""
+    p = PARAMETRIZATIONS[cfg.parametrization]
+    if p.fsc_balance:
+        from hf_fsf.control import FSCOptimizer
+
+        return FSCOptimizer(
+            model,
+            base=torch.optim.AdamW,
+            rate=cfg.lr,
+            balance=p.fsc_balance,
+            lr=FSC_BASE_LR,
+            weight_decay=0.0,
+        )
+    if not p.mup:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    from mup import MuAdamW
+
+    factor = math.sqrt(cfg.base_depth / cfg.depth) if p.depth_lr else 1.0
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.blocks
+    inside = {id(q) for q in blocks.parameters()}
+    params = [q for q in model.parameters() if q.requires_grad]
+    groups = [
+        {"params": [q for q in params if id(q) in inside], "lr": cfg.lr * factor},
+        {"params": [q for q in params if id(q) not in inside], "lr": cfg.lr},
+    ]
+    return MuAdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks: each builds its model, its training batches, its loss and its held-out evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    model: nn.Module
+    batches: Iterable  # one batch per training step
+    loss_fn: Callable[[nn.Module, object], torch.Tensor]
+    # held-out (loss, accuracy); accuracy is nan when the task is not a classification
+    evaluate: Callable[[nn.Module], tuple[float, float]]
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _cross_entropy(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _lm_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _resnet(cfg: RunConfig, d_in: int, d_out: int) -> nn.Module:
+    def build(width: int) -> nn.Module:
+        return build_resnet(cfg.parametrization, width, cfg.depth, d_in, d_out)
+
+    model = build(cfg.width)
+    if PARAMETRIZATIONS[cfg.parametrization].mup:
+        _set_mup_shapes(model, build, cfg.base_width)
+    return model
+
+
+def teacher_task(cfg: RunConfig, gen: torch.Generator) -> Task:
+    """Regression on a TeacherStream (32 inputs, 4 outputs, noise 0.3): fresh samples every step."""
+    from hf_fsf.data import TeacherStream
+
+    stream = TeacherStream(32, 4, noise=0.3, seed=0)
+    batches = (stream.sample(cfg.batch_size, gen) for _ in range(cfg.steps))
+    x, y = stream.sample(cfg.eval_size, torch.Generator().manual_seed(12345))
+    model = _resnet(cfg, 32, 4)
+    return Task(model, batches, _mse, lambda m: (float(_mse(m, (x, y))), math.nan))
+
+
+def digits_task(cfg: RunConfig, gen: torch.Generator) -> Task:
+    """scikit-learn's digits (64 pixels, 10 classes): batches drawn with replacement, scored on the test split."""
+    from hf_fsf.data import load_digits_tensors
+
+    data = load_digits_tensors()
+    n = data.x_train.shape[0]
+    idx = (torch.randint(n, (cfg.batch_size,), generator=gen) for _ in range(cfg.steps))
+    batches = ((data.x_train[i], data.y_train[i]) for i in idx)
+
+    def evaluate(model):
+        out = model(data.x_test)
+        accuracy = (out.argmax(1) == data.y_test).float().mean()
+        return float(nn.functional.cross_entropy(out, data.y_test)), float(accuracy)
+
+    return Task(_resnet(cfg, 64, 10), batches, _cross_entropy, evaluate)
+
+
+_LM_CACHE: dict = {}
+
+
+def gpt2_task(cfg: RunConfig, gen: torch.Generator) -> Task:
+    """Byte-level LM on the stdlib corpus: distinct training blocks (less than one epoch), held-out blocks."""
+    if cfg.block_size not in _LM_CACHE:
+        from hf_fsf.data import load_text_dataset
+
+        _LM_CACHE[cfg.block_size] = load_text_dataset("stdlib", cfg.block_size, max_bytes=3_000_000)
+    splits = _LM_CACHE[cfg.block_size]
+    need = cfg.steps * cfg.batch_size
+    if need > len(splits.train):
+        raise ValueError(
+            f"gpt2: {cfg.steps} steps x {cfg.batch_size} blocks exceed one epoch ({len(splits.train)} blocks); "
+            "lower --steps or raise the corpus size."
+        )
+    order = torch.randperm(len(splits.train), generator=gen)[:need].view(cfg.steps, cfg.batch_size)
+    batches = (torch.stack([splits.train[int(j)]["input_ids"] for j in row]) for row in order)
+    held_out = torch.stack([splits.validation[j]["input_ids"] for j in range(cfg.eval_size)])
+    return Task(build_gpt2(cfg), batches, _lm_loss, lambda m: (float(_lm_loss(m, held_out)), math.nan))
+
+
+TASKS = {"teacher": teacher_task, "gpt2": gpt2_task, "digits": digits_task}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,84 +370,22 @@ def _train_loop(
     return first, last, False
 
 
-def _mse(model, batch):
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
-
-
-def _cross_entropy(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def _lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch).loss
-
-
 def run_one(cfg: RunConfig) -> RunResult:
     """Train one (task, parametrization, size, lr, seed) and measure its held-out loss."""
-    import warnings
-
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", message=".*FSCOptimizer.*")  # skipped steps are counted as divergence
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(1000 + cfg.seed)
-    accuracy = math.nan
-    if cfg.task in ("teacher", "digits"):
-        if cfg.task == "teacher":
-            from hf_fsf.data import TeacherStream
-
-            stream = TeacherStream(32, 4, noise=0.3, seed=0)
-            d_in, d_out, loss_fn = 32, 4, _mse
-            batches = (stream.sample(cfg.batch_size, gen) for _ in range(cfg.steps))
-            held_out = stream.sample(cfg.eval_size, torch.Generator().manual_seed(12345))
-        else:
-            from hf_fsf.data import load_digits_tensors
-
-            data = load_digits_tensors()
-            d_in, d_out, loss_fn = 64, 10, _cross_entropy
-            n = data.x_train.shape[0]
-            idx = (torch.randint(n, (cfg.batch_size,), generator=gen) for _ in range(cfg.steps))
-            batches = ((data.x_train[i], data.y_train[i]) for i in idx)
-            held_out = (data.x_test, data.y_test)
-        model = build_resnet(cfg.parametrization, cfg.width, cfg.depth, d_in, d_out)
-        if cfg.parametrization in ("mup", "depth-mup"):
-            _set_mup_shapes(
-                model,
-                lambda w: build_resnet(cfg.parametrization, w, cfg.depth, d_in, d_out),
-                cfg.base_width,
-            )
-    elif cfg.task == "gpt2":
-        splits = _lm_splits(cfg.block_size)
-        need = cfg.steps * cfg.batch_size
-        if need > len(splits.train):
-            raise ValueError(
-                f"gpt2: {cfg.steps} steps x {cfg.batch_size} blocks exceed one epoch ({len(splits.train)} blocks); "
-                "lower --steps or raise the corpus size."
-            )
-        order = torch.randperm(len(splits.train), generator=gen)[:need].view(cfg.steps, cfg.batch_size)
-        train = splits.train
-        batches = (torch.stack([train[int(j)]["input_ids"] for j in row]) for row in order)
-        held_out = torch.stack([splits.validation[j]["input_ids"] for j in range(cfg.eval_size)])
-        model, loss_fn = build_gpt2(cfg), _lm_loss
-    else:
-        raise ValueError(f"unknown task {cfg.task!r}: choose from {TASKS}")
-    model.train()
-    optimizer = make_optimizer(cfg, model)
-    first, last, diverged = _train_loop(model, optimizer, batches, loss_fn, cfg.schedule, cfg.steps)
-    model.eval()
+    task = TASKS[cfg.task](cfg, torch.Generator().manual_seed(1000 + cfg.seed))
+    task.model.train()
+    optimizer = make_optimizer(cfg, task.model)
+    first, last, diverged = _train_loop(
+        task.model, optimizer, task.batches, task.loss_fn, cfg.schedule, cfg.steps
+    )
+    task.model.eval()
     with torch.no_grad():
-        if cfg.task == "gpt2":
-            loss = float(_lm_loss(model, held_out))
-        else:
-            out = model(held_out[0])
-            if cfg.task == "digits":
-                loss = float(nn.functional.cross_entropy(out, held_out[1]))
-                accuracy = float((out.argmax(1) == held_out[1]).float().mean())
-            else:
-                loss = float(nn.functional.mse_loss(out, held_out[1]))
+        loss, accuracy = task.evaluate(task.model)
     if diverged or not math.isfinite(loss):
         loss = math.inf
     if hasattr(optimizer, "close"):
@@ -380,15 +396,21 @@ def run_one(cfg: RunConfig) -> RunResult:
     )  # fmt: skip
 
 
-_LM_CACHE: dict = {}
+def run_all(
+    configs: Sequence[RunConfig], workers: int, log: Callable[[str], None] = print
+) -> list[RunResult]:
+    if workers <= 1:
+        return [_logged(run_one(c), log) for c in configs]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return [_logged(r, log) for r in pool.imap(run_one, configs)]
 
 
-def _lm_splits(block_size: int):
-    if block_size not in _LM_CACHE:
-        from hf_fsf.data import load_text_dataset
-
-        _LM_CACHE[block_size] = load_text_dataset("stdlib", block_size, max_bytes=3_000_000)
-    return _LM_CACHE[block_size]
+def _logged(r: RunResult, log: Callable[[str], None]) -> RunResult:
+    log(
+        f"{r.task:7s} {r.sweep:5s} {r.parametrization:9s} size={r.size:<5d} lr={r.lr:.3g} seed={r.seed} "
+        f"held-out={r.loss:.4g} train {r.train_loss_first:.3g}->{r.train_loss_last:.3g} ({r.seconds:.1f}s)"
+    )
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,7 +428,7 @@ def build_configs(
     tasks: Sequence[str],
     sweeps: Sequence[str],
     parametrizations: Sequence[str],
-    specs: dict[str, TaskSpec],
+    grids: dict[str, Grid],
     seeds: int,
     lr_points: int,
     lr_factor: float,
@@ -415,20 +437,20 @@ def build_configs(
 ) -> list[RunConfig]:
     configs = []
     for task in tasks:
-        spec = specs[task]
+        grid = grids[task]
         for sweep in sweeps:
-            sizes = spec.widths if sweep == "width" else spec.depths
+            sizes = grid.widths if sweep == "width" else grid.depths
             for param in parametrizations:
                 for size in sizes:
-                    width, depth = (size, spec.fixed_depth) if sweep == "width" else (spec.fixed_width, size)
-                    for lr in lr_grid(spec.centers[param], lr_points, lr_factor):
+                    width, depth = (size, grid.fixed_depth) if sweep == "width" else (grid.fixed_width, size)
+                    for lr in lr_grid(grid.centers[param], lr_points, lr_factor):
                         for seed in range(seeds):
                             configs.append(
                                 RunConfig(
-                                    task, sweep, param, width, depth, lr, seed, steps or spec.steps,
-                                    spec.batch_size, base_width=min(spec.widths[0], spec.fixed_width),
-                                    base_depth=min(spec.depths[0], spec.fixed_depth),
-                                    block_size=spec.block_size, eval_size=spec.eval_size, schedule=schedule,
+                                    task, sweep, param, width, depth, lr, seed, steps or grid.steps,
+                                    grid.batch_size, base_width=min(grid.widths[0], grid.fixed_width),
+                                    base_depth=min(grid.depths[0], grid.fixed_depth),
+                                    block_size=grid.block_size, eval_size=grid.eval_size, schedule=schedule,
                                 )
                             )  # fmt: skip
     return configs
@@ -474,6 +496,35 @@ def write_csv(path: Path, rows: Sequence, columns: Sequence[str]) -> None:
             writer.writerow(asdict(row))
 
 
+def read_runs(paths: Sequence[str]) -> list[RunResult]:
+    """RunResults from earlier transfer_runs.csv files, e.g. to summarize a grid extended by a second run.
+
+    A run (task, sweep, parametrization, size, lr, seed) present in several files is taken from the last one.
+    Runs of one task with different steps or schedules are refused: their losses are not comparable.
+    """
+    runs: dict[tuple, RunResult] = {}
+    settings: dict[str, tuple[tuple[int, str], str]] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                lr = float(f"{float(row['lr']):.12g}")  # one grid point, whichever grid's arithmetic made it
+                r = RunResult(
+                    row["task"], row["sweep"], row["parametrization"], int(row["size"]), lr,
+                    int(row["seed"]), float(row["loss"]), float(row["accuracy"]), float(row["train_loss_first"]),
+                    float(row["train_loss_last"]), float(row["seconds"]), int(row.get("steps") or 0),
+                    row.get("schedule") or "",
+                )  # fmt: skip
+                if r.steps:  # older files carry no settings: nothing to check them against
+                    seen, where = settings.setdefault(r.task, ((r.steps, r.schedule), str(path)))
+                    if seen != (r.steps, r.schedule):
+                        raise SystemExit(
+                            f"--from-runs: {r.task} runs in {where} have steps/schedule {seen}, those in {path} "
+                            f"{(r.steps, r.schedule)}; merge only runs trained the same way."
+                        )
+                runs[(r.task, r.sweep, r.parametrization, r.size, r.lr, r.seed)] = r
+    return list(runs.values())
+
+
 def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
     """One figure per (task, sweep): a panel per parametrization, a curve per size (mean held-out loss vs lr)."""
     import matplotlib
@@ -495,7 +546,7 @@ def plot_sweeps(table: dict, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-            ax.set_xlabel("FSC rate" if param in FSC_PARAMETRIZATIONS else "learning rate")
+            ax.set_xlabel("FSC rate" if PARAMETRIZATIONS[param].fsc_balance else "learning rate")
             ax.set_title(param)
         axes[0][0].set_ylabel("held-out loss")
         axes[0][-1].legend(fontsize=7)
@@ -534,50 +585,35 @@ def markdown_summary(rows: Sequence[SummaryRow], results: Sequence[RunResult], c
     return "\n".join(lines) + "\n"
 
 
-def run_all(
-    configs: Sequence[RunConfig], workers: int, log: Callable[[str], None] = print
-) -> list[RunResult]:
-    if workers <= 1:
-        return [_logged(run_one(c), log) for c in configs]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return [_logged(r, log) for r in pool.imap(run_one, configs)]
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: configs/transfer.yaml, then the command line
+# ----------------------------------------------------------------------------------------------------------------
 
 
-def _logged(r: RunResult, log: Callable[[str], None]) -> RunResult:
-    log(
-        f"{r.task:7s} {r.sweep:5s} {r.parametrization:9s} size={r.size:<5d} lr={r.lr:.3g} seed={r.seed} "
-        f"held-out={r.loss:.4g} train {r.train_loss_first:.3g}->{r.train_loss_last:.3g} ({r.seconds:.1f}s)"
-    )
-    return r
-
-
-def read_runs(paths: Sequence[str]) -> list[RunResult]:
-    """RunResults from earlier transfer_runs.csv files, e.g. to summarize a grid extended by a second run.
-
-    A run (task, sweep, parametrization, size, lr, seed) present in several files is taken from the last one.
-    Runs of one task with different steps or schedules are refused: their losses are not comparable.
-    """
-    runs: dict[tuple, RunResult] = {}
-    settings: dict[str, tuple[tuple[int, str], str]] = {}
-    for path in paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                lr = float(f"{float(row['lr']):.12g}")  # one grid point, whichever grid's arithmetic made it
-                r = RunResult(
-                    row["task"], row["sweep"], row["parametrization"], int(row["size"]), lr,
-                    int(row["seed"]), float(row["loss"]), float(row["accuracy"]), float(row["train_loss_first"]),
-                    float(row["train_loss_last"]), float(row["seconds"]), int(row.get("steps") or 0),
-                    row.get("schedule") or "",
-                )  # fmt: skip
-                if r.steps:  # older files carry no settings: nothing to check them against
-                    seen, where = settings.setdefault(r.task, ((r.steps, r.schedule), str(path)))
-                    if seen != (r.steps, r.schedule):
-                        raise SystemExit(
-                            f"--from-runs: {r.task} runs in {where} have steps/schedule {seen}, those in {path} "
-                            f"{(r.steps, r.schedule)}; merge only runs trained the same way."
-                        )
-                runs[(r.task, r.sweep, r.parametrization, r.size, r.lr, r.seed)] = r
-    return list(runs.values())
+def load_config(path: str | Path, quick: bool) -> dict:
+    """The YAML's settings with the `full` or `quick` section's lr grid and per-task `Grid`s."""
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    section = config["quick" if quick else "full"]
+    grids = {}
+    for task, entry in section["tasks"].items():
+        if task not in TASKS:
+            raise SystemExit(f"{path}: unknown task {task!r}; the recipe knows {list(TASKS)}")
+        try:
+            grid = Grid(**entry)
+        except TypeError as error:
+            keys = [f.name for f in fields(Grid)]
+            raise SystemExit(f"{path}: task {task!r}: {error}; the keys are {keys}") from None
+        centers = {name: float(value) for name, value in grid.centers.items()}
+        grids[task] = replace(grid, widths=tuple(grid.widths), depths=tuple(grid.depths), centers=centers)
+    return {
+        "parametrizations": config["parametrizations"],
+        "seeds": config["seeds"],
+        "schedule": config["schedule"],
+        "lr_points": section["lr_points"],
+        "lr_factor": float(section["lr_factor"]),
+        "grids": grids,
+    }
 
 
 def _csv_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -594,14 +630,55 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
     return None if text is None else tuple(int(t) for t in text.split(","))
 
 
+def _centers(text: str | None) -> dict[str, float]:
+    centers = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            name, _, value = item.partition("=")
+            if name.strip() not in PARAMETRIZATIONS or not value:
+                raise SystemExit(
+                    f"--centers: {item!r} is not parametrization=value with one of {tuple(PARAMETRIZATIONS)}"
+                )
+            centers[name.strip()] = float(value)
+    return centers
+
+
+def _grid(grids: dict[str, Grid], task: str, params: Sequence[str], args: argparse.Namespace) -> Grid:
+    """The config's grid of `task` with the command line's sizes and centres in place of its own."""
+    if task not in grids:
+        raise SystemExit(
+            f"{args.config} has no grid for task {task!r} in its {'quick' if args.quick else 'full'} section"
+        )
+    grid = grids[task]
+    grid = replace(
+        grid,
+        widths=_int_list(args.widths) or grid.widths,
+        depths=_int_list(args.depths) or grid.depths,
+        fixed_width=args.fixed_width or grid.fixed_width,
+        fixed_depth=args.fixed_depth or grid.fixed_depth,
+        centers={**grid.centers, **_centers(args.centers)},
+    )
+    missing = [p for p in params if p not in grid.centers]
+    if missing:
+        raise SystemExit(
+            f"{task}: no learning-rate centre for {missing}; add them to {args.config} or --centers"
+        )
+    return grid
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small grid (sizes x2 apart, lr x4 apart, 3 points)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
+    p.add_argument("--config", default=str(CONFIG), help="grids (default: configs/transfer.yaml)")
+    p.add_argument(
+        "--quick", action="store_true", help="the config's quick grid (sizes x2-4 apart, 3 lrs x4)"
+    )
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {tuple(TASKS)}")
     p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {SWEEPS}")
-    p.add_argument("--parametrizations", default=",".join(PARAMETRIZATIONS))
+    p.add_argument(
+        "--parametrizations", default=None, help=f"comma-separated subset of {tuple(PARAMETRIZATIONS)}"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: per task)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (>= 2 for the summary)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (>= 2 for the summary)")
     p.add_argument("--widths", default=None, help="override the width sweep, e.g. 64,128,256")
     p.add_argument("--depths", default=None, help="override the depth sweep, e.g. 4,8,16")
     p.add_argument("--fixed-width", type=int, default=None, help="width of the depth sweep")
@@ -610,7 +687,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-points", type=int, default=None, help="grid size (default 13 full, 3 quick)")
     p.add_argument("--lr-factor", type=float, default=None, help="grid ratio (default √2 full, 4 quick)")
     p.add_argument(
-        "--schedule", choices=SCHEDULES, default="linear",
+        "--schedule", choices=SCHEDULES, default=None,
         help="lr schedule of every run: linear (5%% warm-up, decay to 0; default) or constant",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="processes (each with one torch thread)")
@@ -620,48 +697,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train nothing: summarize and plot the runs of earlier transfer_runs.csv files (grids merged)",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
+    if (args.seeds is not None and args.seeds < 1) or (args.steps is not None and args.steps < 1):
         raise SystemExit("--seeds and --steps must be positive integers")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
     args = parse_args(argv)
-    tasks = _csv_list(args.tasks, TASKS, "tasks")
-    sweeps = _csv_list(args.sweeps, SWEEPS, "sweeps")
-    params = _csv_list(args.parametrizations, PARAMETRIZATIONS, "parametrizations")
-    specs = dict(QUICK if args.quick else FULL)
-    for task in tasks:
-        widths, depths = _int_list(args.widths), _int_list(args.depths)
-        spec = specs[task]
-        centers = dict(spec.centers)
-        for item in (args.centers or "").split(","):
-            if item.strip():
-                name, _, value = item.partition("=")
-                if name.strip() not in PARAMETRIZATIONS or not value:
-                    raise SystemExit(
-                        f"--centers: {item!r} is not parametrization=value with one of {PARAMETRIZATIONS}"
-                    )
-                centers[name.strip()] = float(value)
-        specs[task] = replace(
-            spec,
-            widths=widths or spec.widths,
-            depths=depths or spec.depths,
-            fixed_width=args.fixed_width or spec.fixed_width,
-            fixed_depth=args.fixed_depth or spec.fixed_depth,
-            centers=centers,
-        )
-    points = args.lr_points or (QUICK_LR_POINTS if args.quick else FULL_LR_POINTS)
-    factor = args.lr_factor or (QUICK_LR_FACTOR if args.quick else FULL_LR_FACTOR)
+    config = load_config(args.config, args.quick)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_runs:
         results = read_runs(args.from_runs)
         print(f"{len(results)} runs read from {', '.join(args.from_runs)} -> {out}", flush=True)
     else:
+        tasks = _csv_list(args.tasks, TASKS, "tasks")
+        sweeps = _csv_list(args.sweeps, SWEEPS, "sweeps")
+        params = _csv_list(args.parametrizations or ",".join(config["parametrizations"]), PARAMETRIZATIONS,
+                           "parametrizations")  # fmt: skip
+        grids = {task: _grid(config["grids"], task, params, args) for task in tasks}
         configs = build_configs(
-            tasks, sweeps, params, specs, args.seeds, points, factor, args.steps, args.schedule
-        )
+            tasks, sweeps, params, grids, args.seeds or config["seeds"], args.lr_points or config["lr_points"],
+            args.lr_factor or config["lr_factor"], args.steps, args.schedule or config["schedule"],
+        )  # fmt: skip
         print(f"{len(configs)} runs, {args.workers} worker(s) -> {out}", flush=True)
         results = run_all(configs, args.workers, log=lambda s: print(s, flush=True))
     write_csv(out / "transfer_runs.csv", results, [f.name for f in fields(RunResult)])
@@ -672,9 +730,8 @@ def main(argv: Sequence[str] | None = None) -> list[SummaryRow]:
     (out / "transfer_summary.md").write_text(markdown_summary(rows, results, command))
     plot_sweeps(table, out)
     for row in rows:
-        edge = row.optimal_lr in (min(table[(row.task, row.sweep, row.parametrization)][row.size]),
-                                  max(table[(row.task, row.sweep, row.parametrization)][row.size]))  # fmt: skip
-        if edge and math.isfinite(row.best_loss):
+        lrs = table[(row.task, row.sweep, row.parametrization)][row.size]
+        if row.optimal_lr in (min(lrs), max(lrs)) and math.isfinite(row.best_loss):
             print(
                 f"warning: {row.task}/{row.sweep}/{row.parametrization} size {row.size}: optimum at the grid edge"
             )

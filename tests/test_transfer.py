@@ -21,6 +21,7 @@ def _load():
 
 
 transfer = _load()
+QUICK = transfer.load_config(transfer.CONFIG, quick=True)["grids"]
 
 
 def _result(size, lr, seed, loss, param="mup"):
@@ -117,7 +118,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 
 def test_the_schedule_drives_fsc_rate_and_every_group_lr(monkeypatch):
     """LambdaLR sets FSCOptimizer's group lr (its rate) exactly as it sets a plain optimizer's lr."""
-    spec = transfer.QUICK["teacher"]
+    spec = QUICK["teacher"]
     cfg = transfer.RunConfig(
         "teacher", "width", "fsc", 16, 4, 0.2, 0, 10, 8, 16, 4, spec.block_size, spec.eval_size
     )
@@ -140,7 +141,7 @@ def test_the_schedule_drives_fsc_rate_and_every_group_lr(monkeypatch):
 @pytest.mark.parametrize("task", ["teacher", "gpt2"])
 @pytest.mark.parametrize("param", transfer.PARAMETRIZATIONS)
 def test_every_parametrization_trains(task, param):
-    spec = transfer.QUICK[task]
+    spec = QUICK[task]
     steps = 40 if task == "teacher" else 12
     cfg = transfer.RunConfig(
         task, "width", param, 2 * spec.widths[0], spec.fixed_depth, spec.centers[param], 0, steps,
@@ -155,7 +156,7 @@ def test_every_parametrization_trains(task, param):
 def test_mup_gpt2_has_the_mup_pieces():
     from mup import MuSharedReadout
 
-    spec = transfer.QUICK["gpt2"]
+    spec = QUICK["gpt2"]
     cfg = transfer.RunConfig("gpt2", "width", "mup", 64, 2, 0.01, 0, 1, 2, 32, 2, spec.block_size, 4)
     model = transfer.build_gpt2(cfg)
     assert isinstance(model.lm_head, MuSharedReadout)
@@ -184,3 +185,35 @@ def test_quick_run_writes_the_summary_csv(tmp_path):
     with open(tmp_path / "transfer_runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 2 * 2 * 2 * 2  # x lrs x seeds
     assert "test acc" in (tmp_path / "transfer_summary.md").read_text()
+
+
+def test_the_config_has_a_grid_and_centres_for_every_task_and_parametrization():
+    for quick in (False, True):
+        config = transfer.load_config(transfer.CONFIG, quick)
+        assert set(config["grids"]) == set(transfer.TASKS)
+        assert set(config["parametrizations"]) <= set(transfer.PARAMETRIZATIONS)
+        for grid in config["grids"].values():
+            assert set(grid.centers) == set(transfer.PARAMETRIZATIONS)
+            assert all(isinstance(c, float) for c in grid.centers.values())
+
+
+def test_a_config_typo_is_refused_naming_the_keys_and_exponents_read_as_numbers(tmp_path):
+    text = (transfer.CONFIG).read_text()
+    path = tmp_path / "transfer.yaml"
+    # YAML 1.1 reads 1e-2 (no dot) as a string: the loader must still give the number.
+    path.write_text(text.replace("standard: 0.01,", "standard: 1e-2,"))
+    assert transfer.load_config(path, quick=True)["grids"]["teacher"].centers["standard"] == 0.01
+    path.write_text(text.replace("fixed_depth: 8", "fixed_dept: 8", 1))
+    with pytest.raises(SystemExit, match="teacher.*fixed_dept.*'fixed_depth'"):
+        transfer.load_config(path, quick=False)
+
+
+def test_command_line_sizes_and_centres_replace_the_config():
+    args = transfer.parse_args(["--quick", "--widths", "16,48", "--fixed-depth", "5", "--centers", "fsc=0.7"])
+    config = transfer.load_config(args.config, args.quick)
+    grid = transfer._grid(config["grids"], "teacher", ["standard", "fsc"], args)
+    assert grid.widths == (16, 48) and grid.fixed_depth == 5 and grid.depths == QUICK["teacher"].depths
+    assert grid.centers["fsc"] == 0.7 and grid.centers["standard"] == QUICK["teacher"].centers["standard"]
+    del config["grids"]["teacher"].centers["mup"]
+    with pytest.raises(SystemExit, match="no learning-rate centre for \\['mup'\\]"):
+        transfer._grid(config["grids"], "teacher", ["mup"], args)
