@@ -22,14 +22,14 @@ moves the features, so:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hf_fsf.formula import bfk_cos, bfk_cos_bound, bfk_cos_prediction
-from hf_fsf.layout import block_output, find_blocks
+from hf_fsf.layout import BlocksArg, block_output, find_blocks
 
 MAX_KERNEL_SIZE = 8192  # m_ℓ above this makes the m×m kernel and its eigen-decomposition impractical
 
@@ -113,13 +113,14 @@ def backward_feature_kernel(
     model: nn.Module,
     loss_fn: Callable[[], torch.Tensor],
     learning_rates: torch.optim.Optimizer | Mapping[str, float] | float,
-    blocks: Sequence[str] | Sequence[nn.Module] | None = None,
+    blocks: BlocksArg = None,
 ) -> list[BlockKernel]:
     """K_ℓ, b_ℓ and f_ℓ for each block, at the current parameters (the model is not changed).
 
     loss_fn() runs a forward pass and returns the scalar loss, as for `FeatureSpeedProbe.measure_step`.
     learning_rates: the optimizer whose group lrs are the η_p (parameters outside it do not move), a
-    {parameter name: lr} mapping, or one lr for every trainable parameter. blocks: as for `find_blocks`.
+    {parameter name: lr} mapping, or one lr for every trainable parameter. blocks: as for `find_blocks` (names,
+    modules, or a BlockLayout found once).
     Use a float64 model for exactness checks. Memory: m_ℓ × (largest parameter) per Jacobian.
     """
     layout = find_blocks(model, blocks)
@@ -194,12 +195,13 @@ def compare_with_probe(
     model: nn.Module,
     loss_fn: Callable[[], torch.Tensor],
     optimizer: torch.optim.SGD,
-    blocks: Sequence[str] | Sequence[nn.Module] | None = None,
+    blocks: BlocksArg = None,
 ) -> list[KernelStats]:
     """Kernel predictions next to the angle the probe measures on one real step. Takes the step.
 
     The kernel describes plain gradient descent, so the optimizer must be `torch.optim.SGD` without momentum
-    or weight decay; each group's lr is the η of its parameters.
+    or weight decay; each group's lr is the η of its parameters. blocks: as for `find_blocks` (names, modules,
+    or a BlockLayout); the layout is found once and passed to the kernel and the probe.
     """
     # Imported here: the probe is only needed for the side-by-side comparison.
     from hf_fsf.probe import FeatureSpeedProbe
@@ -211,9 +213,9 @@ def compare_with_probe(
             "compare_with_probe: K_ℓ describes plain gradient descent; pass torch.optim.SGD with momentum=0 and "
             "weight_decay=0 (use backward_feature_kernel + kernel_stats alone for other optimizers)."
         )
-    names = find_blocks(model, blocks).names
-    stats = [kernel_stats(k) for k in backward_feature_kernel(model, loss_fn, optimizer, names)]
-    with FeatureSpeedProbe(model, blocks=names) as probe:
+    layout = find_blocks(model, blocks)
+    stats = [kernel_stats(k) for k in backward_feature_kernel(model, loss_fn, optimizer, layout)]
+    with FeatureSpeedProbe(model, blocks=layout) as probe:
         measured = probe.measure_step(loss_fn, optimizer, angle=True)
     by_name = {b.name: b.cos_theta for b in measured.blocks}
     for s in stats:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hf_fsf.layout import find_blocks, unwrap_model
+from hf_fsf.layout import BlocksArg, find_blocks, unwrap_model
 
 RECORD_KEY = "hf_fsf_branch_scaling"
 FORM = "per_branch"
@@ -165,7 +165,7 @@ def apply_branch_scaling(
     preserve_function: bool = False,
     *,
     branches: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-    blocks: Sequence[str] | None = None,
+    blocks: BlocksArg = None,
 ) -> BranchScaling:
     """Give every residual branch of the model the multiplier β: h <- h + β·branch(h), per branch.
 
@@ -179,22 +179,13 @@ def apply_branch_scaling(
         twice, also after a save/load round trip.
     branches: branch output modules relative to each block (a list used for every block, or a dict by block
         name), for models the automatic rule does not know.
-    blocks: the block names, for models where `find_blocks` cannot find them.
+    blocks: the blocks, for models where `find_blocks` cannot find them: block names, or a BlockLayout.
 
     Raises ValueError for post-LN families (BERT, RoBERTa, ...: a block is norm(h + branch(h)), not
     h + branch(h)), for sandwich-norm families, and when no branch output module is found.
     """
     model = unwrap_model(model)
-    previous = get_branch_scaling(model)
-    hooked = _registered_multipliers(model)
-    if hooked and previous is None:
-        raise RuntimeError(
-            f"{RECORD_KEY}: the model carries BranchMultiplier hooks but no record in its config (was "
-            f"model.config.{RECORD_KEY} deleted?). Remove the hooks, or restore the record."
-        )
-    if previous is not None:
-        previous = _rename_to_model(model, previous)
-
+    previous, hooked = _previous_scaling(model)
     if beta is None:
         if previous is None:
             raise ValueError(
@@ -205,45 +196,78 @@ def apply_branch_scaling(
             raise ValueError("apply_branch_scaling: branches= and blocks= need an explicit beta.")
         target = previous
     else:
-        layout = _layout(model, branches, blocks, previous)
-        target = BranchScaling(beta=_betas(beta, layout), branches={b: v for s in layout for b, v in s})
-        if previous is not None and target.branches != previous.branches:
-            raise ValueError(
-                "apply_branch_scaling: the model already carries branch scaling on other modules "
-                f"({_summary(previous.branches)}) than those asked for now ({_summary(target.branches)}). "
-                "Omit branches=/blocks= to keep the recorded ones."
-            )
-        current = previous.beta if previous is not None else {}
-        target.weight_scale = dict(previous.weight_scale) if previous is not None else {}
+        target = _new_scaling(model, beta, branches, blocks, previous)
         if preserve_function:
-            zero = [b for b, v in target.beta.items() if v == 0.0]
-            if zero:
-                raise ValueError(
-                    f"apply_branch_scaling: preserve_function=True needs β != 0 (1/β goes into the weights), got "
-                    f"β = 0 for {zero[:3]}. Use preserve_function=False to switch branches off."
-                )
-            off = [b for b, v in current.items() if v == 0.0 and b in target.beta]
-            if off:
-                raise ValueError(
-                    f"apply_branch_scaling: blocks {off[:3]} currently have β = 0; preserving that function "
-                    "would set their branch weights to 0. Use preserve_function=False to switch them back on."
-                )
-            named = dict(model.named_modules())
-            rescale = []  # checked for every module before any weight changes
-            for block, rels in target.branches.items():
-                ratio = current.get(block, 1.0) / target.beta[block]
-                if ratio == 1.0:
-                    continue  # exactly nothing to do: keeps a repeated call bit-identical
-                rescale += [
-                    (p, ratio)
-                    for rel in rels
-                    for p in _absorbing_params(named[f"{block}.{rel}"], f"{block}.{rel}")
-                ]
-                target.weight_scale[block] = target.weight_scale.get(block, 1.0) * ratio
-            with torch.no_grad():
-                for param, ratio in rescale:
-                    param.mul_(ratio)
+            _absorb_into_weights(model, target, previous.beta if previous is not None else {})
+    _install(model, target, hooked)
+    return target
 
+
+def _previous_scaling(model: nn.Module) -> tuple[BranchScaling | None, list[tuple[nn.Module, int]]]:
+    """The scaling recorded on the model (block names mapped onto this model), and its registered hooks."""
+    previous = get_branch_scaling(model)
+    hooked = _registered_multipliers(model)
+    if hooked and previous is None:
+        raise RuntimeError(
+            f"{RECORD_KEY}: the model carries BranchMultiplier hooks but no record in its config (was "
+            f"model.config.{RECORD_KEY} deleted?). Remove the hooks, or restore the record."
+        )
+    return (None if previous is None else _rename_to_model(model, previous)), hooked
+
+
+def _new_scaling(
+    model: nn.Module,
+    beta: BetaSpec,
+    branches: Sequence[str] | Mapping[str, Sequence[str]] | None,
+    blocks: BlocksArg,
+    previous: BranchScaling | None,
+) -> BranchScaling:
+    """The scaling asked for, on the branches already scaled if any (weight_scale carried over from them)."""
+    layout = _layout(model, branches, blocks, previous)
+    target = BranchScaling(beta=_betas(beta, layout), branches={b: v for s in layout for b, v in s})
+    if previous is not None and target.branches != previous.branches:
+        raise ValueError(
+            "apply_branch_scaling: the model already carries branch scaling on other modules "
+            f"({_summary(previous.branches)}) than those asked for now ({_summary(target.branches)}). "
+            "Omit branches=/blocks= to keep the recorded ones."
+        )
+    target.weight_scale = dict(previous.weight_scale) if previous is not None else {}
+    return target
+
+
+def _absorb_into_weights(model: nn.Module, target: BranchScaling, current: Mapping[str, float]) -> None:
+    """Multiply each branch's output weights by β_current/β_target (updating target.weight_scale), so that the
+    model computes the same function under the new multipliers. Every module is checked before any weight
+    changes."""
+    zero = [b for b, v in target.beta.items() if v == 0.0]
+    if zero:
+        raise ValueError(
+            f"apply_branch_scaling: preserve_function=True needs β != 0 (1/β goes into the weights), got "
+            f"β = 0 for {zero[:3]}. Use preserve_function=False to switch branches off."
+        )
+    off = [b for b, v in current.items() if v == 0.0 and b in target.beta]
+    if off:
+        raise ValueError(
+            f"apply_branch_scaling: blocks {off[:3]} currently have β = 0; preserving that function "
+            "would set their branch weights to 0. Use preserve_function=False to switch them back on."
+        )
+    named = dict(model.named_modules())
+    rescale = []
+    for block, rels in target.branches.items():
+        ratio = current.get(block, 1.0) / target.beta[block]
+        if ratio == 1.0:
+            continue  # exactly nothing to do: keeps a repeated call bit-identical
+        rescale += [
+            (p, ratio) for rel in rels for p in _absorbing_params(named[f"{block}.{rel}"], f"{block}.{rel}")
+        ]
+        target.weight_scale[block] = target.weight_scale.get(block, 1.0) * ratio
+    with torch.no_grad():
+        for param, ratio in rescale:
+            param.mul_(ratio)
+
+
+def _install(model: nn.Module, target: BranchScaling, hooked: list[tuple[nn.Module, int]]) -> None:
+    """Replace the model's multiplier hooks by those of `target` and record it in the config."""
     for handle_owner, key in hooked:
         del handle_owner._forward_hooks[key]
     named = dict(model.named_modules())
@@ -252,14 +276,13 @@ def apply_branch_scaling(
             named[f"{block}.{rel}"].register_forward_hook(BranchMultiplier(target.beta[block], block, rel))
     holder = model.config if getattr(model, "config", None) is not None else model
     setattr(holder, RECORD_KEY, target.to_dict())
-    return target
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Finding blocks and branches
 
 
-def _stacks(model: nn.Module, blocks: Sequence[str] | None) -> list[list[tuple[str, nn.Module]]]:
+def _stacks(model: nn.Module, blocks: BlocksArg) -> list[list[tuple[str, nn.Module]]]:
     """The chains of blocks: one for a decoder or encoder, two (encoder, decoder) for an encoder-decoder."""
     if blocks is not None:
         return [find_blocks(model, blocks, trace=False).blocks]
@@ -325,7 +348,7 @@ def _branch_outputs(block: nn.Module, model_type: str | None) -> list[str]:
 def _layout(
     model: nn.Module,
     branches: Sequence[str] | Mapping[str, Sequence[str]] | None,
-    blocks: Sequence[str] | None,
+    blocks: BlocksArg,
     previous: BranchScaling | None,
 ) -> list[list[tuple[str, list[str]]]]:
     """Per stack, (block name, branch output modules) in chain order."""

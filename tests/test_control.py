@@ -136,6 +136,22 @@ def test_frozen_and_zero_gradient_groups_are_excluded():
         assert c == pytest.approx(RATE * loss.item() / len(others), rel=1e-6), n
 
 
+def test_a_block_layout_gives_the_groups_of_its_block_names():
+    """blocks= takes a BlockLayout found once: the same groups as the names, tied embeddings in the stem."""
+    from hf_fsf import find_blocks
+
+    model = _tiny_gpt2()
+    names = ["transformer.h.0", "transformer.h.1"]
+    by_names = FSCOptimizer(model, blocks=names, capture_loss=False)
+    by_layout = FSCOptimizer(model, blocks=find_blocks(model, names), capture_loss=False)
+    assert by_layout.group_names == by_names.group_names == ["stem", *names, "head"]
+    assert [[id(p) for p in g["params"]] for g in by_layout.param_groups] == [
+        [id(p) for p in g["params"]] for g in by_names.param_groups
+    ]
+    stem = {id(p) for p in by_layout.param_groups[0]["params"]}
+    assert id(model.transformer.wte.weight) in stem and model.lm_head.weight is model.transformer.wte.weight
+
+
 def test_parameter_groups_with_options_keep_their_options():
     """The Trainer's decay / no-decay split: FSC groups by block, the base keeps each parameter's weight decay."""
     model = _resnet()

@@ -380,3 +380,14 @@ def test_bad_beta_is_explained():
         apply_branch_scaling(build("gpt2"), beta="sqrt(L)")
     with pytest.raises(ValueError, match="finite"):
         apply_branch_scaling(build("gpt2"), beta=float("nan"))
+
+
+def test_blocks_given_as_a_layout_scale_the_same_branches_as_their_names():
+    from hf_fsf import find_blocks
+
+    by_names, by_layout = build("gpt2"), build("gpt2")
+    names = find_blocks(by_names).names
+    expected = apply_branch_scaling(by_names, beta="1/L", blocks=names)
+    record = apply_branch_scaling(by_layout, beta="1/L", blocks=find_blocks(by_layout, names))
+    assert len(names) >= 2 and list(record.beta) == names
+    assert record.beta == expected.beta and record.branches == expected.branches
