@@ -8,11 +8,14 @@ One optimizer step is measured in three calls, around whatever loop owns the for
     optimizer.step()
     stats = probe.after_optimizer_step()  # ⟨g, w⟩ again -> contributions; angle: re-forward -> δf
 
-`measure_step(loss_fn, optimizer)` does all of it for one batch. The cheap path (angle=False) costs one fused pass
-over the parameters and gradients before and after the step, and a squared norm of each block's output and
-gradient; it copies no parameter. The angle path keeps f_ℓ and b_ℓ of the step and runs one extra no-grad
-forward per micro-batch with the random state of the training forward replayed (dropout), stopped after the last
-block.
+`measure_step(loss_fn, optimizer)` does all of it for one batch.
+
+What a step costs. The cheap path (angle=False) makes a few batched passes (`torch._foreach_*`) over the
+parameters and gradients before and after the step, a norm of each block's output and of its gradient, and copies
+no parameter. Every number stays on the device as a 0-d tensor until after_optimizer_step, which scatters them
+into one float64 vector (one index_add), sums it over ranks and reads it in one transfer: one host sync per step,
+none in the hooks. The angle path keeps f_ℓ and b_ℓ of the step and runs one extra no-grad forward per
+micro-batch with the random state of the training forward replayed (dropout), stopped after the last block.
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_fsf.distributed import world_size
+from hf_fsf.distributed import cuda_rng_devices, world_size
 from hf_fsf.formula import BlockSums, block_fields
-from hf_fsf.layout import BlockLayout, block_output, find_blocks, unwrap_model
+from hf_fsf.layout import HEAD, STEM, BlockLayout, block_output, find_blocks, unwrap_model
 from hf_fsf.stats import BlockStats, StepStats
 
 __all__ = ["BlockStats", "FeatureSpeedProbe", "StepStats"]
 
-# Fields accumulated per block, per step (rows of the accumulator).
-_FWD, _BWD, _UPD, _DOT = range(4)
 # A clipping coefficient this close to 1 is rounding, not clipping.
 _SCALE_ATOL = 1e-6
-# Parameters whose gradients are also captured in the backward pass, to detect clipping (elements in total).
-_REFERENCE_NUMEL = 1 << 16
+# Gradients that differ from a rescaling of the backward's by more than this (relative) were not just clipped.
+_RESCALE_RTOL = 1e-3
+# A few small parameters whose gradients are also captured in the backward pass, to detect clipping.
+_REFERENCE_COUNT, _REFERENCE_NUMEL = 4, 1 << 16
+# Most elements multiplied at once in the passes over parameters: bounds their temporaries. On a GPU, large (few
+# launches; 128 MiB of float32 products); on a CPU, cache-sized (the passes are bound by memory traffic there).
+_CHUNK_CUDA, _CHUNK_CPU = 1 << 25, 1 << 18
+# Patterns of slots kept as device index tensors (the pattern repeats step after step; a new one costs a copy).
+_INDEX_CACHE = 16
 
 
 def _guarded(hook):
@@ -66,6 +74,28 @@ class _StopForward(BaseException):
     in user code does not swallow it."""
 
 
+class _Slots:
+    """Where each number of a step sits in its float64 vector. The per-rank sums come first (summed over ranks
+    under data parallelism); the sums over parameters follow (their gradients are already global).
+
+    Per block: ‖f‖², ‖b‖², ‖δf‖², ⟨δf, b⟩, entries of f; per tied parameter: the stem's ⟨δ(stem output), b⟩; the
+    loss. Per parameter group, before and after the step: Σ|g·w| and Σ(g·w)⁺ (⟨g, w⟩ = 2Σ(g·w)⁺ − Σ|g·w|, both
+    accumulated in float64), ‖g‖²; the Gram matrix of the reference gradients (backward, final).
+    """
+
+    def __init__(self, blocks: int, tied: int, groups: int) -> None:
+        self.forward, self.backward, self.update, self.dot = (i * blocks for i in range(4))
+        self.tied = 4 * blocks
+        self.loss = self.tied + tied
+        self.numel = self.loss + 1
+        self.local = self.numel + blocks
+        self.abs_before, self.pos_before, self.abs_after, self.pos_after, self.grad_sq = (
+            self.local + i * groups for i in range(5)
+        )
+        self.gram = self.local + 5 * groups
+        self.size = self.gram + 4
+
+
 @dataclass
 class _MicroBatch:
     replay: Callable[[], object] | None
@@ -84,23 +114,36 @@ class _MicroBatch:
 
 @dataclass
 class _Step:
+    """One measured step. Its numbers are 0-d device tensors with their slots (see _Slots), added up at the end:
+    `norms` are squared first, `sums` are added as they are."""
+
     angle: bool
-    acc: torch.Tensor  # [4, L] float64: ‖f‖², ‖b‖², ‖δf‖², ⟨δf, b⟩ (local to this rank)
+    device: torch.device
     numel: list[int]
+    reference: list[torch.Tensor | None]  # ∇ of the reference parameters from the backward pass, float64
     micro: list[_MicroBatch] = field(default_factory=list)
     current: _MicroBatch | None = None
     manual: bool = False  # inside a micro_batch() context: the model's own calls are not recorded
-    loss_terms: list[torch.Tensor] = field(default_factory=list)
-    reference: list[torch.Tensor | None] = field(default_factory=list)  # ∇ of reference params, from backward
-    dots_before: torch.Tensor | None = None  # ⟨g, w⟩ per parameter group
-    grad_sq: torch.Tensor | None = None
-    grad_scale: float = 1.0
+    norms: list[torch.Tensor] = field(default_factory=list)
+    norm_slots: list[int] = field(default_factory=list)
+    sums: list[torch.Tensor] = field(default_factory=list)
+    sum_slots: list[int] = field(default_factory=list)
+    has_loss: bool = False
     phase: str = "capture"  # capture -> stepped -> done
     failed: str | None = None  # a hook's error message (strict=False)
 
+    def add_norm(self, value: torch.Tensor, slot: int) -> None:
+        self.norms.append(value if value.device == self.device else value.to(self.device))
+        self.norm_slots.append(slot)
 
-def _rng_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    def add_sum(self, value: torch.Tensor, slot: int) -> None:
+        self.sums.append(value if value.device == self.device else value.to(self.device))
+        self.sum_slots.append(slot)
+
+    def add_sums(self, values: torch.Tensor, first_slot: int) -> None:
+        """Each element of `values` into consecutive slots."""
+        for offset, value in enumerate(values.reshape(-1).unbind()):
+            self.add_sum(value, first_slot + offset)
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -111,66 +154,54 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     return state
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     """At least float32: δf and inner products of low-precision tensors lose everything in bf16."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in _WIDE else t.float()
 
 
-def _sum_sq(t: torch.Tensor) -> torch.Tensor:
-    return _as_float(t).square().sum(dtype=torch.float64)
+def _widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in at least float32 (one batched copy for low-precision ones): products of bf16 numbers are
+    exact in float32 and would be rounded in bf16."""
+    if all(t.dtype in _WIDE for t in tensors):
+        return tensors
+    out = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+    torch._foreach_copy_(out, tensors)
+    return out
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖ accumulated in float64: block sums are compared across micro-batch splits and ranks to 1e-9."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float64)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (_as_float(a) * _as_float(b)).sum(dtype=torch.float64)
 
 
-# Largest piece of a parameter multiplied at once: bounds the temporary of the products (64 MiB in float32).
-_DOT_CHUNK = 1 << 24
-
-
-def _grad_dots(
-    params: list[nn.Parameter], device: torch.device, with_norms: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(⟨g, w⟩, ‖g‖²) of a parameter group, with float64 accumulation.
-
-    The contribution is the difference of ⟨g, w⟩ before and after the step, so the sums are float64 (products of
-    float32 numbers rounded once, then summed without further loss): the difference keeps its digits even when
-    δw ≪ w. One multiply-and-reduce per parameter (in chunks for huge ones): the temporary stays small and reused,
-    which is much faster on CPU than one multiply over the whole group (a group-sized temporary) followed by the sums.
-    """
-    dots, squares = [], []
-    for p in params:
-        if p.grad is None or p.grad.is_sparse:
-            continue
-        # Chunks of the original tensors, upcast one at a time: no full-size float32 copy of a bf16 gradient.
-        for gc, wc in zip(p.grad.reshape(-1).split(_DOT_CHUNK), p.detach().reshape(-1).split(_DOT_CHUNK)):
-            gc = _as_float(gc)
-            dots.append(torch.mul(gc, _as_float(wc)).sum(dtype=torch.float64).to(device))
-            if with_norms:  # a norm is not a cancelling difference: float32 accumulation is enough
-                squares.append(torch.linalg.vector_norm(gc).to(device=device, dtype=torch.float64).square())
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    if not dots:
-        return zero, (zero.clone() if with_norms else None)
-    return torch.stack(dots).sum(), (torch.stack(squares).sum() if with_norms else None)
-
-
-def _flat_float64(
-    tensors: list[torch.Tensor | None], like: list[nn.Parameter], device: torch.device
-) -> torch.Tensor:
-    """One float64 vector of `tensors`, with zeros (of the matching parameter's size) where a tensor is None."""
-    parts = [
-        (t if t is not None else torch.zeros_like(p)).detach().double().flatten().to(device)
-        for t, p in zip(tensors, like)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+def _gradient_scale(gram: list[float]) -> tuple[float, bool]:
+    """(The factor between the gradients in .grad and those of the backward pass, whether .grad is something
+    other than a rescaling of the backward's) from the Gram matrix of the reference gradients [backward, final].
+    1.0 when nothing rescaled them, or when it cannot be told."""
+    seen_sq, seen_final, final_sq = gram[0], gram[1], gram[3]
+    if seen_sq == 0.0 or not math.isfinite(seen_sq):
+        return 1.0, False
+    scale = seen_final / seen_sq
+    # ‖final − scale·seen‖² = ‖final‖² − ⟨final, seen⟩²/‖seen‖²; float64 leaves ~1e-8 of the relative residual.
+    residual = math.sqrt(max(final_sq - seen_final * scale, 0.0)) / max(math.sqrt(final_sq), 1e-300)
+    if residual > _RESCALE_RTOL:
+        return 1.0, True
+    return (1.0 if abs(scale - 1.0) < _SCALE_ATOL else scale), False
 
 
 class FeatureSpeedProbe:
     """Measures the feature speed formula on a chain of blocks.
 
     model: any nn.Module (DDP / accelerate wrappers are unwrapped). blocks: None (auto-detect, see
-    `find_blocks`), module names, or modules. strict: raise on user errors (a non-scalar loss, an optimizer that
-    changed nothing); False (used inside training) warns and marks the step invalid instead.
+    `find_blocks`), module names, modules, or a BlockLayout. strict: raise on user errors (a non-scalar loss, an
+    optimizer that changed nothing); False (used inside training) warns and marks the step invalid instead.
     grad_average: under torch.distributed, gradients are averaged over ranks (DDP), so the backward pass of the
     global loss on this rank's slice is b / world_size. example_inputs / trace: how `find_blocks` orders the
     parameters outside the blocks (one forward pass on example or dummy inputs; trace=False: registration order).
@@ -179,7 +210,7 @@ class FeatureSpeedProbe:
     def __init__(
         self,
         model: nn.Module,
-        blocks: Sequence[str] | Sequence[nn.Module] | None = None,
+        blocks: Sequence[str] | Sequence[nn.Module] | BlockLayout | None = None,
         *,
         strict: bool = True,
         grad_average: bool = True,
@@ -195,8 +226,13 @@ class FeatureSpeedProbe:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         first = next(self.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self._cuda_devices = _rng_devices(self.model)
-        self._groups = self._parameter_groups()
+        self._chunk = _CHUNK_CUDA if self.device.type == "cuda" else _CHUNK_CPU
+        self._cuda_devices = cuda_rng_devices(self.model)
+        self._groups = self.layout.parameter_groups(tied="own")
+        self._params = [(g, p) for g, params in enumerate(self._groups.values()) for p in params]
+        self._slots = _Slots(len(self.layout.blocks), len(self.layout.tied), len(self._groups))
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self._reference = self._reference_parameters()
         self._install_hooks()
 
@@ -242,11 +278,10 @@ class FeatureSpeedProbe:
                 "FeatureSpeedProbe.begin_step: the previous step was not finished; it is discarded.",
                 stacklevel=2,
             )
-        n = len(self.layout.blocks)
         self._step = _Step(
             angle=angle,
-            acc=torch.zeros(4, n, dtype=torch.float64, device=self.device),
-            numel=[0] * n,
+            device=self.device,
+            numel=[0] * len(self.layout.blocks),
             reference=[None] * len(self._reference),
         )
 
@@ -268,17 +303,16 @@ class FeatureSpeedProbe:
     def record_loss(self, loss: torch.Tensor) -> None:
         """Adds the back-propagated loss of a micro-batch (the model's own `.loss` is recorded automatically)."""
         step = self._require_step("record_loss")
-        step.loss_terms.append(loss.detach().reshape(()).to(torch.float64))
+        step.add_sum(loss.detach().reshape(()), self._slots.loss)
+        step.has_loss = True
 
     def before_optimizer_step(self) -> None:
         """Call when the gradients are final (after accumulation, all-reduce and clipping), before the step."""
         step = self._require_step("before_optimizer_step")
         if step.phase != "capture":
             raise RuntimeError("before_optimizer_step was already called for this step.")
-        step.grad_scale = self._gradient_scale(step)
-        dots, sqs = zip(*(_grad_dots(group, self.device) for group in self._groups.values()))
-        step.dots_before = torch.stack(dots)
-        step.grad_sq = torch.stack(sqs)
+        self._reference_gram(step)
+        self._inner_products(step, before=True)
         step.phase = "stepped"
 
     def after_optimizer_step(self) -> StepStats:
@@ -287,13 +321,11 @@ class FeatureSpeedProbe:
         if step.phase != "stepped":
             raise RuntimeError("after_optimizer_step needs before_optimizer_step() first.")
         try:
-            dots_after = torch.stack(
-                [_grad_dots(g, self.device, with_norms=False)[0] for g in self._groups.values()]
-            )
-            tied_stem = self._tied_stem_dots(step)
+            self._inner_products(step, before=False)
+            self._tied_stem_dots(step)
             if step.angle:
                 self._reforward(step)
-            return self._finish(step, dots_after, tied_stem)
+            return self._finish(step, self._gather(step))
         finally:
             step.phase = "done"
             self._step = None
@@ -317,22 +349,11 @@ class FeatureSpeedProbe:
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
-    def _parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """stem, each block, head, and each tied parameter alone (its stem share is measured separately)."""
-        layout = self.layout
-        groups = {"stem": [p for _, p in layout.stem_params]}
-        for (name, _), params in zip(layout.blocks, layout.block_params):
-            groups[name] = [p for _, p in params]
-        groups["head"] = [p for _, p in layout.head_params]
-        for i, tied in enumerate(layout.tied):
-            groups[f"tied:{i}"] = [tied.param]
-        return groups
-
     def _reference_parameters(self) -> list[nn.Parameter]:
         """A few small parameters whose gradients are also taken in the backward pass, before any clipping."""
         chosen, total = [], 0
         for param in sorted((p for p in self.model.parameters() if p.requires_grad), key=lambda p: p.numel()):
-            if total + param.numel() > _REFERENCE_NUMEL and chosen:
+            if chosen and (total + param.numel() > _REFERENCE_NUMEL or len(chosen) == _REFERENCE_COUNT):
                 break
             chosen.append(param)
             total += param.numel()
@@ -352,7 +373,7 @@ class FeatureSpeedProbe:
         for index, param in enumerate(self._reference):
             self._handles.append(param.register_hook(functools.partial(self._on_reference_grad, index)))
 
-    # --- hooks ----------------------------------------------------------------------------------------------
+    # --- hooks: O(1) small device ops each, no host sync ------------------------------------------------------
 
     def _new_micro_batch(self, replay: Callable[[], object] | None) -> _MicroBatch:
         step = self._step
@@ -389,10 +410,14 @@ class FeatureSpeedProbe:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
             # The gradient reaching the model's loss is the factor the training loop applied to it
             # (1/accumulation steps, ...), so loss * grad is exactly what was back-propagated.
-            value = loss.detach().reshape(()).to(torch.float64)
-            loss.register_hook(
-                lambda g, v=value, s=step: s.loss_terms.append(v * g.detach().reshape(()).double())
-            )
+            loss.register_hook(functools.partial(self._on_loss_grad, step, loss.detach().reshape(())))
+
+    @_guarded
+    def _on_loss_grad(self, step: _Step, value: torch.Tensor, grad: torch.Tensor) -> None:
+        # addcmul onto a float64 zero: the product in float64, in one op.
+        zero = self._zero if self._zero.device == value.device else self._zero.to(value.device)
+        step.add_sum(torch.addcmul(zero, value, grad.detach().reshape(())), self._slots.loss)
+        step.has_loss = True
 
     @_guarded
     def _on_block_output(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
@@ -408,11 +433,10 @@ class FeatureSpeedProbe:
             return
         if index not in micro.seen:  # gradient checkpointing re-runs blocks in the backward pass: count once
             micro.seen.add(index)
-            with torch.no_grad():
-                step.acc[_FWD, index] += _sum_sq(features.detach()).to(self.device)
-                step.numel[index] += features.numel()
-                if step.angle:
-                    micro.features[index] = features.detach().clone()
+            step.add_norm(_norm(features), self._slots.forward + index)
+            step.numel[index] += features.numel()
+            if step.angle:
+                micro.features[index] = features.detach().clone()
         # With reentrant checkpointing the first run is under no_grad: the re-run's output carries the gradient.
         if index not in micro.hooked and features.requires_grad and torch.is_grad_enabled():
             micro.hooked.add(index)
@@ -420,10 +444,9 @@ class FeatureSpeedProbe:
 
     @_guarded
     def _on_block_backward(self, step: _Step, micro: _MicroBatch, index: int, grad: torch.Tensor) -> None:
-        with torch.no_grad():
-            step.acc[_BWD, index] += _sum_sq(grad).to(self.device)
-            if step.angle:
-                micro.backwards[index] = grad.detach().clone()
+        step.add_norm(_norm(grad), self._slots.backward + index)
+        if step.angle:
+            micro.backwards[index] = grad.detach().clone()
 
     def _on_block_reforward(self, index: int, output: object) -> None:
         step, micro = self._step, self._step.current
@@ -431,9 +454,9 @@ class FeatureSpeedProbe:
         before, backward = micro.features.get(index), micro.backwards.get(index)
         if after is not None and before is not None and after.shape == before.shape:
             delta = _as_float(after) - _as_float(before)
-            step.acc[_UPD, index] += _sum_sq(delta).to(self.device)
+            step.add_norm(_norm(delta), self._slots.update + index)
             if backward is not None:  # None when nothing upstream of the block is trainable
-                step.acc[_DOT, index] += _dot(delta, backward).to(self.device)
+                step.add_sum(_dot(delta, backward), self._slots.dot + index)
             micro.seen.add(index)
         if index == len(self.layout.blocks) - 1:
             raise _StopForward
@@ -466,7 +489,10 @@ class FeatureSpeedProbe:
         if step is None:
             return
         held = step.reference[index]
-        step.reference[index] = grad.detach().clone() if held is None else held + grad.detach()
+        if held is None:  # a float64 copy: clipping later changes .grad in place
+            step.reference[index] = grad.detach().to(torch.float64, copy=True)
+        else:
+            held.add_(grad.detach())
 
     # --- measurement ---------------------------------------------------------------------------------------
 
@@ -475,56 +501,93 @@ class FeatureSpeedProbe:
             raise RuntimeError(f"FeatureSpeedProbe.{what}: call begin_step() first.")
         return self._step
 
-    def _gradient_scale(self, step: _Step) -> float:
-        """The factor between the gradients in .grad and those of the backward pass (clipping), from a few small
-        reference parameters whose backward gradients were kept. 1.0 when nothing rescaled the gradients."""
+    def _reference_gram(self, step: _Step) -> None:
+        """Gram matrix of the reference gradients [from the backward pass, in .grad]: it tells whether and by how
+        much the gradients were rescaled (clipping) between the backward pass and the step (_gradient_scale)."""
+        if not self._reference:
+            return
         # Every rank reduces the same fixed-length buffer (zeros where a reference got no gradient locally), so
         # the collective matches even when some parameter is unused on one rank.
-        seen = _flat_float64(step.reference, self._reference, self.device)
-        final = _flat_float64([p.grad for p in self._reference], self._reference, self.device)
+        seen = [
+            (t if t is not None else torch.zeros(p.shape, dtype=torch.float64, device=p.device)).reshape(-1)
+            for t, p in zip(step.reference, self._reference)
+        ]
+        final = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._reference]
+        both = torch.cat([*seen, *final]).to(device=self.device, dtype=torch.float64).view(2, -1)
         world = world_size()
         if world > 1:
-            dist.all_reduce(seen)
+            dist.all_reduce(both[0])
             if self.grad_average:
-                seen /= world
-        norm_sq = float(seen @ seen)
-        if norm_sq == 0.0 or not math.isfinite(norm_sq):
-            return 1.0
-        scale = float(final @ seen) / norm_sq
-        residual = float((final - scale * seen).norm()) / max(float(final.norm()), 1e-300)
-        if residual > 1e-3:
-            warnings.warn(
-                "FeatureSpeedProbe: the gradients were changed between the backward pass and the optimizer step in a "
-                "way that is not a global rescaling (clipping by value? per-parameter clipping?); contributions use the "
-                "gradients as they are in .grad.",
-                stacklevel=3,
-            )
-            return 1.0
-        return 1.0 if abs(scale - 1.0) < _SCALE_ATOL else scale
+                both[0] /= world
+        step.add_sums(both @ both.T, self._slots.gram)
 
-    def _tied_stem_dots(self, step: _Step) -> torch.Tensor:
+    def _gradient_chunks(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor], list[int]]]:
+        """(gradients, parameters, group indices) of the parameters with a dense gradient, in chunks of at most
+        self._chunk elements (a larger parameter is cut into flat pieces)."""
+        chunks, grads, params, groups, size = [], [], [], [], 0
+        for group, param in self._params:
+            grad = param.grad
+            if grad is None or grad.is_sparse:
+                continue
+            pieces = [(grad, param)]
+            if param.numel() > self._chunk:
+                pieces = list(zip(grad.reshape(-1).split(self._chunk), param.reshape(-1).split(self._chunk)))
+            for g, w in pieces:
+                if grads and size + g.numel() > self._chunk:
+                    chunks.append((grads, params, groups))
+                    grads, params, groups, size = [], [], [], 0
+                grads.append(g)
+                params.append(w)
+                groups.append(group)
+                size += g.numel()
+        if grads:
+            chunks.append((grads, params, groups))
+        return chunks
+
+    @torch.no_grad()
+    def _inner_products(self, step: _Step, before: bool) -> None:
+        """⟨g, w⟩ per parameter group (and ‖g‖² before the step), a few batched ops per chunk of parameters.
+
+        The contribution is the difference of ⟨g, w⟩ before and after the step, so the sums are float64 (products
+        of float32 numbers rounded once, then summed without further loss): the difference keeps its digits even
+        when δw ≪ w. A float64 sum of a list of tensors in one op is a 1-norm: ⟨g, w⟩ = 2 Σ(g·w)⁺ − Σ|g·w|.
+        """
+        slots = self._slots
+        first_abs, first_pos = (
+            (slots.abs_before, slots.pos_before) if before else (slots.abs_after, slots.pos_after)
+        )
+        for grads, params, groups in self._gradient_chunks():
+            if before:  # a norm is not a cancelling difference: float32 accumulation is enough
+                dtype = None if all(g.dtype in _WIDE for g in grads) else torch.float32
+                for norm, group in zip(torch._foreach_norm(grads, 2, dtype=dtype), groups):
+                    step.add_norm(norm, slots.grad_sq + group)
+            products = torch._foreach_mul(_widened(grads), _widened(params))
+            for total, group in zip(torch._foreach_norm(products, 1, dtype=torch.float64), groups):
+                step.add_sum(total, first_abs + group)
+            torch._foreach_clamp_min_(products, 0.0)
+            for positive, group in zip(torch._foreach_norm(products, 1, dtype=torch.float64), groups):
+                step.add_sum(positive, first_pos + group)
+
+    @torch.no_grad()
+    def _tied_stem_dots(self, step: _Step) -> None:
         """⟨δ(stem output), b⟩ of each tied parameter's stem module, re-run on its recorded inputs after the step.
 
         An embedding's output is linear in its weight, so this is exactly ⟨G_stem, δW⟩: the stem path's share.
         """
-        out = torch.zeros(len(self.layout.tied), dtype=torch.float64, device=self.device)
         if not self.layout.tied:
-            return out
+            return
         self._reforwarding = True
         try:
-            with torch.no_grad():
-                for index, tied in enumerate(self.layout.tied):
-                    for micro in step.micro:
-                        if index not in micro.tied or index not in micro.tied_backwards:
-                            continue
-                        args, kwargs, before = micro.tied[index]
-                        after = block_output(tied.stem_module(*args, **kwargs))
-                        out[index] += _dot(
-                            _as_float(after) - _as_float(before), micro.tied_backwards[index]
-                        ).to(self.device)
+            for index, tied in enumerate(self.layout.tied):
+                for micro in step.micro:
+                    if index not in micro.tied or index not in micro.tied_backwards:
+                        continue
+                    args, kwargs, before = micro.tied[index]
+                    after = block_output(tied.stem_module(*args, **kwargs))
+                    delta = _as_float(after) - _as_float(before)
+                    step.add_sum(_dot(delta, micro.tied_backwards[index]), self._slots.tied + index)
         finally:
             self._reforwarding = False
-        return out
 
     def _reforward(self, step: _Step) -> None:
         """Re-runs each recorded micro-batch after the step, with its random state and autocast replayed."""
@@ -576,92 +639,118 @@ class FeatureSpeedProbe:
             raise RuntimeError(f"FeatureSpeedProbe: {message}.")
         warnings.warn(f"FeatureSpeedProbe: {message}; measurement skipped.", stacklevel=3)
 
-    def _finish(self, step: _Step, dots_after: torch.Tensor, tied_stem: torch.Tensor) -> StepStats:
+    @torch.no_grad()
+    def _gather(self, step: _Step) -> list[float]:
+        """The step's numbers added into their slots (one index_add), summed over ranks, read in one transfer."""
         world = world_size()
-        b_scale = 1.0 / world if (world > 1 and self.grad_average) else 1.0
-        loss = (
-            torch.stack(step.loss_terms).sum()
-            if step.loss_terms
-            else torch.full((), math.nan, dtype=torch.float64)
-        )
-        # Per-rank sums of activations are summed over ranks; gradient inner products are already global.
-        local = torch.cat([step.acc.flatten(), tied_stem, loss.reshape(1).to(self.device)])
+        if world > 1:  # entries of f per block differ between ranks (sequence lengths)
+            # From pinned memory without blocking: the copy does not wait for the device.
+            cuda = self.device.type == "cuda"
+            numel = torch.tensor(step.numel, dtype=torch.float64, pin_memory=cuda)
+            step.add_sums(numel.to(self.device, non_blocking=True), self._slots.numel)
+        totals = torch.zeros(self._slots.size, dtype=torch.float64, device=self.device)
+        if step.norms or step.sums:
+            values = torch.stack(step.norms + step.sums).to(torch.float64)  # stack promotes float32 entries
+            values[: len(step.norms)].square_()
+            totals.index_add_(0, self._index(step.norm_slots + step.sum_slots), values)
         if world > 1:
-            dist.all_reduce(local)
-        n = len(self.layout.blocks)
-        acc = local[: 4 * n].view(4, n)
-        acc[_BWD] *= b_scale**2
-        acc[_DOT] *= b_scale
-        tied_stem = local[4 * n : 4 * n + len(self.layout.tied)] * b_scale
-        loss_value = float(local[-1]) / world if step.loss_terms else None
-        numel = torch.tensor(step.numel, dtype=torch.float64, device=self.device)
-        if world > 1:
-            dist.all_reduce(numel)
+            dist.all_reduce(totals[: self._slots.local])
+        return totals.tolist()
 
-        scale = step.grad_scale
-        contributions = (-(dots_after - step.dots_before) / scale).tolist()
-        names = list(self._groups)
-        by_group = dict(zip(names, contributions))
-        stem = by_group["stem"]
-        head = by_group["head"]
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        """The slots as a device index tensor; cached, since a new one is a host-to-device copy (a sync on GPU)."""
+        key = tuple(slots)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) >= _INDEX_CACHE:
+                self._indices.clear()
+            index = self._indices[key] = torch.tensor(slots, dtype=torch.long, device=self.device)
+        return index
+
+    def _group_sums(
+        self, values: list[float], scale: float, b_scale: float
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """(−⟨∇loss, δw⟩, ‖∇loss‖) per parameter group, ∇loss being .grad / scale. The tied groups' contributions
+        are also split into the stem's share (measured at the stem's output) and the head's (the rest)."""
+        s = self._slots
+        contributions, norms = {}, {}
+        for g, name in enumerate(self._groups):
+            before = 2.0 * values[s.pos_before + g] - values[s.abs_before + g]
+            after = 2.0 * values[s.pos_after + g] - values[s.abs_after + g]
+            contributions[name] = -(after - before) / scale
+            norms[name] = math.sqrt(max(values[s.grad_sq + g], 0.0)) / abs(scale)
         for index in range(len(self.layout.tied)):
-            stem_share = -float(tied_stem[index])
-            stem += stem_share
-            head += by_group[f"tied:{index}"] - stem_share
-        grad_norms = {k: math.sqrt(max(v, 0.0)) / abs(scale) for k, v in zip(names, step.grad_sq.tolist())}
+            stem_share = -values[s.tied + index] * b_scale
+            contributions[STEM] += stem_share
+            contributions[HEAD] += contributions[f"tied:{index}"] - stem_share
+        return contributions, norms
 
+    def _finish(self, step: _Step, values: list[float]) -> StepStats:
+        """StepStats from the step's vector of sums (see _Slots); every check here is on host numbers."""
+        s, n, world = self._slots, len(self.layout.blocks), world_size()
+        b_scale = 1.0 / world if (world > 1 and self.grad_average) else 1.0
+        scale, not_rescaling = _gradient_scale(values[s.gram : s.gram + 4])
+        if not_rescaling:
+            warnings.warn(
+                "FeatureSpeedProbe: the gradients were changed between the backward pass and the optimizer step in a "
+                "way that is not a global rescaling (clipping by value? per-parameter clipping?); contributions use the "
+                "gradients as they are in .grad.",
+                stacklevel=3,
+            )
+        by_group, grad_norms = self._group_sums(values, scale, b_scale)
         # An optimizer that moved nothing (lr = 0 at the start of a warm-up, a step skipped by a loss scaler) gives
         # no feature update to measure: an error when measuring by hand, an invalid record inside training.
-        nothing_moved = not any(c != 0.0 for c in contributions) and any(v > 0 for v in grad_norms.values())
+        nothing_moved = not any(c != 0.0 for c in by_group.values()) and any(
+            v > 0 for v in grad_norms.values()
+        )
         if nothing_moved and self.strict:
             raise RuntimeError(
                 "FeatureSpeedProbe: optimizer.step() changed no parameter that has a gradient (lr = 0? a skipped "
                 "step?); there is no update to measure. Check the optimizer's learning rate and parameters."
             )
-
-        acc_list = acc.tolist()
-        numel_list = numel.tolist()
-        blocks = []
-        loss_decrease = stem
+        numel = values[s.numel : s.numel + n] if world > 1 else step.numel
+        blocks, loss_decrease = [], by_group[STEM]
         for index, name in enumerate(self.layout.names):
-            contribution = by_group[name]
-            loss_decrease += contribution
+            loss_decrease += by_group[name]
             sums = BlockSums(
-                numel=int(numel_list[index]),
-                forward_sq=acc_list[_FWD][index],
-                backward_sq=acc_list[_BWD][index],
-                update_sq=acc_list[_UPD][index] if step.angle else None,
-                update_dot_backward=acc_list[_DOT][index] if step.angle else None,
+                numel=int(numel[index]),
+                forward_sq=values[s.forward + index],
+                backward_sq=values[s.backward + index] * b_scale**2,
+                update_sq=values[s.update + index] if step.angle else None,
+                update_dot_backward=values[s.dot + index] * b_scale if step.angle else None,
             )
-            blocks.append(BlockStats(name=name, **block_fields(sums, contribution, loss_decrease)))
-
-        raw = [*contributions, stem, head, *acc_list[_FWD], *acc_list[_BWD]]
-        if step.angle:
-            raw += acc_list[_UPD] + acc_list[_DOT]
-        if loss_value is not None:
-            raw.append(loss_value)
-        valid = (
-            all(math.isfinite(v) for v in raw)
-            and math.isfinite(scale)
-            and step.failed is None
-            and not nothing_moved
-        )
-        if step.failed is not None:
-            warnings.warn(
-                f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=3
-            )
-        elif not valid and not nothing_moved:
-            warnings.warn(
-                "FeatureSpeedProbe: NaN or inf in this step's loss, gradients or features; stats marked invalid.",
-                stacklevel=3,
-            )
+            blocks.append(BlockStats(name=name, **block_fields(sums, by_group[name], loss_decrease)))
+        loss = values[s.loss] / world if step.has_loss else None
+        checked = [
+            *by_group.values(),
+            *values[s.forward : s.forward + n],
+            *values[s.backward : s.backward + n],
+        ]
+        checked += values[s.update : s.update + n] + values[s.dot : s.dot + n] if step.angle else []
+        checked += [loss] if loss is not None else []
+        valid = self._valid(step, checked, scale, nothing_moved)
         return StepStats(
-            loss=loss_value,
+            loss=loss,
             blocks=blocks,
-            stem_contribution=stem,
-            head_contribution=head,
+            stem_contribution=by_group[STEM],
+            head_contribution=by_group[HEAD],
             grad_scale=scale,
             group_grad_norms={k: v for k, v in grad_norms.items() if not k.startswith("tied:")},
             angle=step.angle,
             valid=valid,
         )
+
+    @staticmethod
+    def _valid(step: _Step, checked: list[float], scale: float, nothing_moved: bool) -> bool:
+        """Whether the step's numbers can be trusted; a warning that says why not."""
+        finite = all(math.isfinite(v) for v in checked) and math.isfinite(scale)
+        if step.failed is not None:
+            warnings.warn(
+                f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=4
+            )
+        elif not finite and not nothing_moved:
+            warnings.warn(
+                "FeatureSpeedProbe: NaN or inf in this step's loss, gradients or features; stats marked invalid.",
+                stacklevel=4,
+            )
+        return finite and step.failed is None and not nothing_moved
