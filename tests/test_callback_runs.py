@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from trainer_setup import tiny_gpt2, token_data, training_args
@@ -41,7 +42,7 @@ def test_bad_arguments_are_refused_naming_the_argument(kwargs, named):
 
 
 def test_arguments_that_are_fine():
-    callback = FeatureSpeedCallback(every=torch.tensor(3).item(), log_blocks="grad_norm", log_summary=())
+    callback = FeatureSpeedCallback(every=np.int64(3), log_blocks="grad_norm", log_summary=())
     assert callback.every == 3 and callback.log_blocks == ("grad_norm",) and callback.log_summary == ()
 
 
