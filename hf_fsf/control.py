@@ -5,7 +5,7 @@
   Trainer's loss shares, data parallelism).
 - `hf_fsf.output_scale`: the output multiplier of rule S (sensitivities, Eq. 7) and its calibration.
 
-Every name importable from `hf_fsf.control` before the split still is.
+Every name of the FSC API that user code imports from `hf_fsf.control` is importable from here.
 """
 
 from hf_fsf.fsc import BALANCES, FSCOptimizer, FSCOptimizerFactory, FSCStepRecord, GroupStep

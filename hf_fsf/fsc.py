@@ -47,7 +47,7 @@ class GroupStep:
 _ROWS = ("unit", "smoothed", "target", "scale", "contribution", "active", "clipped")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the values are a tensor
 class FSCStepRecord:
     """One FSCOptimizer step: the loss it targeted, and per group the scale it chose. `skipped` names why not.
 
@@ -386,10 +386,9 @@ class FSCOptimizer(torch.optim.Optimizer):
             grads = [g for s in segments for g in s.grads]
             # max |g| per tensor is non-finite exactly when the tensor has an inf or a nan, and cannot overflow.
             maxima = torch._foreach_norm(grads, math.inf)
+            # One dtype and device to stack them: no copy at all when the gradients agree (the usual case).
             widest = functools.reduce(torch.promote_types, {m.dtype for m in maxima})
-            maxima = [
-                m.to(grads[0].device, widest) for m in maxima
-            ]  # no copy when all agree (the usual case)
+            maxima = [m.to(grads[0].device, widest) for m in maxima]
             parts.append(torch.stack(maxima).isfinite().all().to(torch.float64))
         if isinstance(loss, torch.Tensor):
             parts.append(loss.to(parts[0].device if parts else loss.device, torch.float64))
