@@ -10,9 +10,9 @@ One optimizer step is measured in three calls, around whatever loop owns the for
 
 `measure_step(loss_fn, optimizer)` does all of it for one batch.
 
-What a step costs. The cheap path (angle=False) makes a few batched passes (`torch._foreach_*`) over the
-parameters and gradients before and after the step, a norm of each block's output and of its gradient, and copies
-no parameter. Every number stays on the device as a 0-d tensor until after_optimizer_step, which scatters them
+What a step costs. The cheap path (angle=False) makes one batched pass over the parameters and gradients before
+and after the step (per chunk of parameters: one `torch._foreach_mul`, one concatenation, one row-wise float64 sum),
+a norm of each block's output and of its gradient, and copies no parameter. Every number stays on the device as a 0-d tensor until after_optimizer_step, which scatters them
 into one float64 vector (one index_add), sums it over ranks and reads it in one transfer: one host sync per step,
 none in the hooks. The angle path keeps f_ℓ and b_ℓ of the step and runs one extra no-grad forward per
 micro-batch with the random state of the training forward replayed (dropout), stopped after the last block.
@@ -44,9 +44,13 @@ _SCALE_ATOL = 1e-6
 _RESCALE_RTOL = 1e-3
 # A few small parameters whose gradients are also captured in the backward pass, to detect clipping.
 _REFERENCE_COUNT, _REFERENCE_NUMEL = 4, 1 << 16
-# Most elements multiplied at once in the passes over parameters: bounds their temporaries. On a GPU, large (few
-# launches; 128 MiB of float32 products); on a CPU, cache-sized (the passes are bound by memory traffic there).
-_CHUNK_CUDA, _CHUNK_CPU = 1 << 25, 1 << 18
+# Most elements multiplied at once in the passes over parameters: bounds their temporaries (products, their rows,
+# the rows in float64: 4 bytes x 4 per element). On a GPU, large (few launches); on a CPU, cache-sized (the passes
+# are bound by memory traffic there).
+_CHUNK_CUDA, _CHUNK_CPU = 1 << 24, 1 << 18
+# The products of a chunk are laid out in rows of this many elements, each group's run padded with zeros to whole
+# rows, so that one row-wise sum gives sums that each belong to one group.
+_ROW = 1 << 12
 # Patterns of slots kept as device index tensors (the pattern repeats step after step; a new one costs a copy).
 _INDEX_CACHE = 16
 
@@ -79,8 +83,8 @@ class _Slots:
     under data parallelism); the sums over parameters follow (their gradients are already global).
 
     Per block: ‖f‖², ‖b‖², ‖δf‖², ⟨δf, b⟩, entries of f; per tied parameter: the stem's ⟨δ(stem output), b⟩; the
-    loss. Per parameter group, before and after the step: Σ|g·w| and Σ(g·w)⁺ (⟨g, w⟩ = 2Σ(g·w)⁺ − Σ|g·w|, both
-    accumulated in float64), ‖g‖²; the Gram matrix of the reference gradients (backward, final).
+    loss. Per parameter group: ⟨g, w⟩ before and after the step, ‖g‖²; the Gram matrix of the reference gradients
+    (backward, final).
     """
 
     def __init__(self, blocks: int, tied: int, groups: int) -> None:
@@ -89,10 +93,8 @@ class _Slots:
         self.loss = self.tied + tied
         self.numel = self.loss + 1
         self.local = self.numel + blocks
-        self.abs_before, self.pos_before, self.abs_after, self.pos_after, self.grad_sq = (
-            self.local + i * groups for i in range(5)
-        )
-        self.gram = self.local + 5 * groups
+        self.dot_before, self.dot_after, self.grad_sq = (self.local + i * groups for i in range(3))
+        self.gram = self.local + 3 * groups
         self.size = self.gram + 4
 
 
@@ -115,7 +117,7 @@ class _MicroBatch:
 @dataclass
 class _Step:
     """One measured step. Its numbers are 0-d device tensors with their slots (see _Slots), added up at the end:
-    `norms` are squared first, `sums` are added as they are."""
+    `norms` are squared first, `sums` and `rows` are added as they are."""
 
     angle: bool
     device: torch.device
@@ -128,6 +130,8 @@ class _Step:
     norm_slots: list[int] = field(default_factory=list)
     sums: list[torch.Tensor] = field(default_factory=list)
     sum_slots: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # 1-d tensors of sums, one slot per element
+    row_slots: list[int] = field(default_factory=list)
     has_loss: bool = False
     phase: str = "capture"  # capture -> stepped -> done
     failed: str | None = None  # a hook's error message (strict=False)
@@ -140,10 +144,10 @@ class _Step:
         self.sums.append(value if value.device == self.device else value.to(self.device))
         self.sum_slots.append(slot)
 
-    def add_sums(self, values: torch.Tensor, first_slot: int) -> None:
-        """Each element of `values` into consecutive slots."""
-        for offset, value in enumerate(values.reshape(-1).unbind()):
-            self.add_sum(value, first_slot + offset)
+    def add_rows(self, values: torch.Tensor, slots: list[int]) -> None:
+        """Each element of the 1-d `values` into its slot."""
+        self.rows.append(values.to(device=self.device, dtype=torch.float64, non_blocking=True))
+        self.row_slots.extend(slots)
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -196,6 +200,60 @@ def _gradient_scale(gram: list[float]) -> tuple[float, bool]:
     return (1.0 if abs(scale - 1.0) < _SCALE_ATOL else scale), False
 
 
+@dataclass
+class _Chunk:
+    """Pieces of parameters with a dense gradient, multiplied in one go. Each group's run of pieces is followed by
+    zeros up to whole rows of _ROW elements: pads[i] zeros follow piece i; row_groups: the group of each row."""
+
+    grads: list[torch.Tensor] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    pads: list[int] = field(default_factory=list)
+    row_groups: list[int] = field(default_factory=list)
+    size: int = 0
+    run: int = 0  # elements of the last group's run so far
+
+    def add(self, grad: torch.Tensor, param: torch.Tensor, group: int) -> None:
+        if self.groups and self.groups[-1] != group:
+            self.close_run()
+        self.grads.append(grad)
+        self.params.append(param)
+        self.groups.append(group)
+        self.pads.append(0)
+        self.size += grad.numel()
+        self.run += grad.numel()
+
+    def close_run(self) -> None:
+        pad = -self.run % _ROW
+        self.pads[-1] = pad
+        self.row_groups += [self.groups[-1]] * ((self.run + pad) // _ROW)
+        self.size += pad
+        self.run = 0
+
+
+def _chunks(params: list[tuple[int, nn.Parameter]], limit: int) -> list[_Chunk]:
+    """(group, parameter) pairs with a dense gradient, in chunks of about `limit` elements; a parameter larger
+    than `limit` is cut into flat pieces."""
+    chunks, chunk = [], _Chunk()
+    for group, param in params:
+        grad = param.grad
+        if grad is None or grad.is_sparse:
+            continue
+        pieces = [(grad, param)]
+        if param.numel() > limit:
+            pieces = list(zip(grad.reshape(-1).split(limit), param.reshape(-1).split(limit)))
+        for g, w in pieces:
+            if chunk.grads and chunk.size + g.numel() > limit:
+                chunk.close_run()
+                chunks.append(chunk)
+                chunk = _Chunk()
+            chunk.add(g, w, group)
+    if chunk.grads:
+        chunk.close_run()
+        chunks.append(chunk)
+    return chunks
+
+
 class FeatureSpeedProbe:
     """Measures the feature speed formula on a chain of blocks.
 
@@ -233,6 +291,7 @@ class FeatureSpeedProbe:
         self._slots = _Slots(len(self.layout.blocks), len(self.layout.tied), len(self._groups))
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}  # padding of rows, per dtype
         self._reference = self._reference_parameters()
         self._install_hooks()
 
@@ -519,30 +578,7 @@ class FeatureSpeedProbe:
             dist.all_reduce(both[0])
             if self.grad_average:
                 both[0] /= world
-        step.add_sums(both @ both.T, self._slots.gram)
-
-    def _gradient_chunks(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor], list[int]]]:
-        """(gradients, parameters, group indices) of the parameters with a dense gradient, in chunks of at most
-        self._chunk elements (a larger parameter is cut into flat pieces)."""
-        chunks, grads, params, groups, size = [], [], [], [], 0
-        for group, param in self._params:
-            grad = param.grad
-            if grad is None or grad.is_sparse:
-                continue
-            pieces = [(grad, param)]
-            if param.numel() > self._chunk:
-                pieces = list(zip(grad.reshape(-1).split(self._chunk), param.reshape(-1).split(self._chunk)))
-            for g, w in pieces:
-                if grads and size + g.numel() > self._chunk:
-                    chunks.append((grads, params, groups))
-                    grads, params, groups, size = [], [], [], 0
-                grads.append(g)
-                params.append(w)
-                groups.append(group)
-                size += g.numel()
-        if grads:
-            chunks.append((grads, params, groups))
-        return chunks
+        step.add_rows((both @ both.T).reshape(-1), list(range(self._slots.gram, self._slots.gram + 4)))
 
     @torch.no_grad()
     def _inner_products(self, step: _Step, before: bool) -> None:
@@ -550,23 +586,28 @@ class FeatureSpeedProbe:
 
         The contribution is the difference of ⟨g, w⟩ before and after the step, so the sums are float64 (products
         of float32 numbers rounded once, then summed without further loss): the difference keeps its digits even
-        when δw ≪ w. A float64 sum of a list of tensors in one op is a 1-norm: ⟨g, w⟩ = 2 Σ(g·w)⁺ − Σ|g·w|.
+        when δw ≪ w.
         """
-        slots = self._slots
-        first_abs, first_pos = (
-            (slots.abs_before, slots.pos_before) if before else (slots.abs_after, slots.pos_after)
-        )
-        for grads, params, groups in self._gradient_chunks():
+        first = self._slots.dot_before if before else self._slots.dot_after
+        for chunk in _chunks(self._params, self._chunk):
             if before:  # a norm is not a cancelling difference: float32 accumulation is enough
-                dtype = None if all(g.dtype in _WIDE for g in grads) else torch.float32
-                for norm, group in zip(torch._foreach_norm(grads, 2, dtype=dtype), groups):
-                    step.add_norm(norm, slots.grad_sq + group)
-            products = torch._foreach_mul(_widened(grads), _widened(params))
-            for total, group in zip(torch._foreach_norm(products, 1, dtype=torch.float64), groups):
-                step.add_sum(total, first_abs + group)
-            torch._foreach_clamp_min_(products, 0.0)
-            for positive, group in zip(torch._foreach_norm(products, 1, dtype=torch.float64), groups):
-                step.add_sum(positive, first_pos + group)
+                dtype = None if all(g.dtype in _WIDE for g in chunk.grads) else torch.float32
+                for norm, group in zip(torch._foreach_norm(chunk.grads, 2, dtype=dtype), chunk.groups):
+                    step.add_norm(norm, self._slots.grad_sq + group)
+            products = torch._foreach_mul(_widened(chunk.grads), _widened(chunk.params))
+            parts = []
+            for product, pad in zip(products, chunk.pads):
+                parts.append(product.reshape(-1))
+                if pad:
+                    parts.append(self._padding(pad, product.dtype))
+            rows = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(-1, _ROW)
+            step.add_rows(rows.sum(1, dtype=torch.float64), [first + g for g in chunk.row_groups])
+
+    def _padding(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        zeros = self._zeros.get(dtype)
+        if zeros is None:
+            zeros = self._zeros[dtype] = torch.zeros(_ROW, dtype=dtype, device=self.device)
+        return zeros[:size]
 
     @torch.no_grad()
     def _tied_stem_dots(self, step: _Step) -> None:
@@ -647,12 +688,14 @@ class FeatureSpeedProbe:
             # From pinned memory without blocking: the copy does not wait for the device.
             cuda = self.device.type == "cuda"
             numel = torch.tensor(step.numel, dtype=torch.float64, pin_memory=cuda)
-            step.add_sums(numel.to(self.device, non_blocking=True), self._slots.numel)
+            step.add_rows(numel, list(range(self._slots.numel, self._slots.numel + len(step.numel))))
+        parts = (
+            [torch.stack(step.norms + step.sums)] if step.norms or step.sums else []
+        )  # stack promotes to float64
+        values = torch.cat(parts + step.rows).to(torch.float64)
+        values[: len(step.norms)].square_()
         totals = torch.zeros(self._slots.size, dtype=torch.float64, device=self.device)
-        if step.norms or step.sums:
-            values = torch.stack(step.norms + step.sums).to(torch.float64)  # stack promotes float32 entries
-            values[: len(step.norms)].square_()
-            totals.index_add_(0, self._index(step.norm_slots + step.sum_slots), values)
+        totals.index_add_(0, self._index(step.norm_slots + step.sum_slots + step.row_slots), values)
         if world > 1:
             dist.all_reduce(totals[: self._slots.local])
         return totals.tolist()
@@ -675,9 +718,7 @@ class FeatureSpeedProbe:
         s = self._slots
         contributions, norms = {}, {}
         for g, name in enumerate(self._groups):
-            before = 2.0 * values[s.pos_before + g] - values[s.abs_before + g]
-            after = 2.0 * values[s.pos_after + g] - values[s.abs_after + g]
-            contributions[name] = -(after - before) / scale
+            contributions[name] = -(values[s.dot_after + g] - values[s.dot_before + g]) / scale
             norms[name] = math.sqrt(max(values[s.grad_sq + g], 0.0)) / abs(scale)
         for index in range(len(self.layout.tied)):
             stem_share = -values[s.tied + index] * b_scale

@@ -143,7 +143,8 @@ def test_bench_overhead_quick_prints_the_table():
     stdout = _run([sys.executable, str(RECIPES / "bench_overhead.py"), "--quick"])
     rows = [line for line in stdout.splitlines() if line.startswith("| tiny")]
     assert [row.split("|")[2].strip() for row in rows] == [
-        "none", "cheap every step", "angle every step", "angle every 50",
+        "AdamW alone", "cheap stats every step", "angle every step", "angle every 50", "FSCOptimizer",
+        "FSC + cheap stats",
     ]  # fmt: skip
     # The no-callback run is the reference of every ratio.
     assert rows[0].split("|")[4].strip() == "1.000"
