@@ -1,8 +1,10 @@
-"""Recipe: which desiderata (SP, FL, LD, BC; PAPER.md §6) the NTK, MF+μP and FSC presets satisfy at init.
+"""Recipe: which desiderata (SP, FL, LD, BC; PAPER.md §6) the NTK, MF+μP and FSC presets satisfy at init, with the
+stability desiderata FS, BS of §6.1 and Thm 6.3's conditions (--no-stability skips them and their second step).
 
     python recipes/check_scalings.py                   # widths 64..1024 × depths 4..128, 2 seeds, 64 inputs
     python recipes/check_scalings.py --quick           # widths 64..256 × depths 4..32, 3 seeds, 16 inputs
     python recipes/check_scalings.py --threshold 0.2 --seeds 3 --out reports/scalings
+    python recipes/check_scalings.py --n-inputs 1 --seeds 4 --out reports/scalings_n1   # the paper's setting
 
 One GD step of a ReLU MLP per (scaling, width, depth, seed), measured by FeatureSpeedProbe; the exponents of each
 quantity in width and depth are fitted on log-log axes and a property "holds" when all its exponents are below
@@ -33,12 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-aspect", type=float, default=0.25, help="fit only points with depth/width ≤ this; 0 = fit all"
     )
+    parser.add_argument(
+        "--no-stability",
+        action="store_true",
+        help="skip FS, BS and Thm 6.3 (no backward-speed step per point)",
+    )
     args = parser.parse_args(argv)
     cfg = DesiderataConfig.quick() if args.quick else DesiderataConfig.full()
     changes = {
         "threshold": args.threshold,
         "master_lr": args.master_lr,
         "max_aspect": args.max_aspect if args.max_aspect > 0 else None,
+        "stability": not args.no_stability,
     }
     if args.seeds is not None:
         changes["seeds"] = args.seeds

@@ -8,13 +8,26 @@ probe gives, per step:
 - SP   forward_rms of f_{L−1}, the deepest hidden block (a drifting signal is largest there);
 - FL   ‖δf_{L−1}‖_rms = relative_speed × forward_rms of f_{L−1} (measured by re-forward);
 - LD   the total first-order loss decrease of the step (stem + blocks + head contributions);
-- BC   two ratios, both Θ(1) when every layer contributes the same order (≈ 1/L of the total):
-       `bc_spread` = max / min of the hidden blocks' contributions, and
-       `bc_ends`   = (stem + head contribution) / (2 × mean hidden contribution).
+- BC   what the paper's BC says (every layer's contribution of the same order as m → ∞): the input layer's and the
+       output layer's contributions against the mean hidden one, `bc_input` = stem / mean hidden and
+       `bc_output` = head / mean hidden, and the profile over the hidden blocks, `bc_hidden` = mean contribution
+       of the deeper half / mean of the shallower half. `bc_spread` = max / min over the hidden blocks is reported
+       but not decided on: a per-step max over L − 2 random draws measures finite-width fluctuations, identical
+       under the three presets (they share σ and the hidden rates' proportions).
+
+Beside them (`DesiderataConfig.stability`), the stability desiderata of §6.1 and our reading of Thm 6.3:
+
+- FS   forward stability: max over hidden blocks of ‖δf_ℓ‖ / ‖f_ℓ‖ is O(1);
+- BS   backward stability: max over hidden blocks of ‖δb_ℓ‖ / ‖b_ℓ‖ is O(1), δb_ℓ measured by
+       `hf_fsf.backward_speed.BackwardSpeedProbe` (a second step on a copy of the model, same inputs);
+- Thm 6.3 (as PAPER.md §6 restates it, with Eq. 7): (i) the input + hidden decrease ΔL_{≤L−1} is Θ(1), (ii) the
+       output layer's contribution is O(1), (iii) the sensitivity S_{L−1} is Θ(1). (i) and (iii) give FL through
+       the feature speed formula, (i) and (ii) give LD; the per-layer split of BC is not needed.
 
 A quantity is Θ(1) when its exponents in width and in depth are both small: log q = a + s_m log m + s_L log L is
 fitted by least squares over the grid (log q averaged over seeds: finite-width fluctuations are log-normal), and
-the property holds when |s_m| and |s_L| are below `threshold` for each of its quantities.
+the property holds when |s_m| and |s_L| are below `threshold` for each of its quantities (for an O(1) quantity, FS,
+BS and Thm 6.3 (ii), when s_m and s_L are below it: only growth fails).
 
 Which grid points enter the fit: the desiderata are statements about the wide limit (width → ∞ before or faster
 than depth). A deep ReLU MLP at L ≳ m is in another regime (the forward gain fluctuates log-normally with
@@ -25,6 +38,7 @@ only sets how first-order the step is, not the exponents.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -34,13 +48,25 @@ from pathlib import Path
 
 import torch
 
-from hf_fsf.experiments.paper import ReproConfig, one_step
+from hf_fsf.backward_speed import BackwardSpeedProbe
+from hf_fsf.experiments.paper import ReproConfig, inputs_and_signs, one_step
 from hf_fsf.models import ReLUMLP
 from hf_fsf.stats import StepStats
 
-# quantity -> the desideratum it belongs to
-QUANTITIES = {"sp": "SP", "fl": "FL", "ld": "LD", "bc_spread": "BC", "bc_ends": "BC"}
+# quantity -> the desideratum it belongs to (from one probe step: `quantities`)
+QUANTITIES = {"sp": "SP", "fl": "FL", "ld": "LD", "bc_input": "BC", "bc_output": "BC", "bc_hidden": "BC"}
 PROPERTIES = ("SP", "FL", "LD", "BC")
+# §6.1 stability and Thm 6.3's conditions (measured with `DesiderataConfig.stability`)
+STABILITY = {"fs": "FS", "bs": "BS"}
+THEOREM_6_3 = {
+    "t63_decrease": "(i) ΔL_{≤L−1} = Θ(1)",
+    "t63_output": "(ii) output contribution = O(1)",
+    "t63_sensitivity": "(iii) S_{L−1} = Θ(1) (Eq. 7)",
+}
+THM = "Thm 6.3"
+PROPERTY_OF = {**QUANTITIES, **STABILITY, **dict.fromkeys(THEOREM_6_3, THM)}
+UPPER_BOUNDS = ("fs", "bs", "t63_output")  # O(1): only a positive exponent fails
+DIAGNOSTICS = ("bc_spread",)  # measured and fitted, not decided on
 SCALINGS = ("ntk", "mfmup", "fsc")
 
 
@@ -59,6 +85,7 @@ class DesiderataConfig:
     # |exponent| below this counts as Θ(1): halfway between 0 and the ±1/2 of the predicted failures (PAPER.md §6)
     threshold: float = 0.25
     max_aspect: float | None = 0.25  # fit only points with depth / width ≤ this (None: all)
+    stability: bool = True  # also FS, BS (a second, backward-speed step per point) and Thm 6.3's conditions
     threads: int | None = 1  # torch threads while measuring; None leaves the setting alone
 
     @classmethod
@@ -109,8 +136,16 @@ class DesiderataPoint:
     sp: float
     fl: float
     ld: float
+    bc_input: float
+    bc_output: float
+    bc_hidden: float
     bc_spread: float
-    bc_ends: float
+    # with DesiderataConfig.stability (nan otherwise); fs and bs per unit master step
+    fs: float = math.nan
+    bs: float = math.nan
+    t63_decrease: float = math.nan
+    t63_output: float = math.nan
+    t63_sensitivity: float = math.nan
 
 
 @dataclass
@@ -133,7 +168,9 @@ class DesiderataResult:
 
 
 def quantities(stats: StepStats) -> dict[str, float]:
-    """SP, FL, LD and the two BC ratios of one measured step (see the module docstring)."""
+    """SP, FL, LD, the BC ratios, and the probe-side stability quantities of one measured step (module docstring).
+
+    fs is not divided by the master step here; t63_* are the raw ΔL_{≤L−1}, head contribution and S_{L−1}."""
     if not stats.angle or len(stats.blocks) < 2:
         raise ValueError(
             "quantities: need a step measured with angle=True on a model with ≥ 2 hidden blocks."
@@ -141,25 +178,58 @@ def quantities(stats: StepStats) -> dict[str, float]:
     last = stats.blocks[-1]
     hidden = [b.contribution for b in stats.blocks]
     mean_hidden = sum(hidden) / len(hidden)
+    half = len(hidden) // 2
+    shallow, deep = hidden[:half], hidden[len(hidden) - half :]
     return {
         "sp": last.forward_rms,
         "fl": last.relative_speed * last.forward_rms,
         "ld": stats.total_loss_decrease,
+        "bc_input": stats.stem_contribution / mean_hidden,
+        "bc_output": stats.head_contribution / mean_hidden,
+        "bc_hidden": (sum(deep) / len(deep)) / (sum(shallow) / len(shallow)),
         "bc_spread": max(hidden) / min(hidden),
-        "bc_ends": (stats.stem_contribution + stats.head_contribution) / (2 * mean_hidden),
+        "fs": max(b.relative_speed for b in stats.blocks),
+        "t63_decrease": last.loss_decrease,
+        "t63_output": stats.head_contribution,
+        "t63_sensitivity": last.sensitivity,
     }
+
+
+def backward_stability(model: torch.nn.Module, n_inputs: int, seed: int, step: ReproConfig) -> float:
+    """BS of one step: max over blocks of ‖δb_ℓ‖ / ‖b_ℓ‖, with the inputs, targets and rates of `one_step`."""
+    x, sign = inputs_and_signs(n_inputs, seed, step)
+    with torch.no_grad():
+        y = model(x) + sign
+
+    def squared_loss(out: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out - y).pow(2).sum(dim=1).mean()
+
+    optimizer = torch.optim.SGD(model.param_groups(step.master_lr))
+    stats = BackwardSpeedProbe(model).measure_step(lambda: model(x), squared_loss, optimizer)
+    return max(b.relative_backward_speed for b in stats.blocks)
 
 
 def measure_point(scaling: str, width: int, depth: int, seed: int, cfg: DesiderataConfig) -> DesiderataPoint:
     """One GD step at init of a float64 ReLU MLP with the preset's rates, measured by the probe."""
     torch.manual_seed(seed)
     model = ReLUMLP(cfg.input_dim, width, depth, cfg.output_dim, scaling=scaling).double()
+    twin = copy.deepcopy(model) if cfg.stability else None  # the same initial weights for the backward step
     step_cfg = ReproConfig(input_dim=cfg.input_dim, output_dim=cfg.output_dim, master_lr=cfg.master_lr)
     q = quantities(one_step(model, cfg.n_inputs, seed, step_cfg))
-    # FL and LD are proportional to the master step (to first order): report them per unit step.
-    q["fl"] /= cfg.master_lr
-    q["ld"] /= cfg.master_lr
+    # FL, LD, FS, BS and the decreases are proportional to the master step (to first order): per unit step.
+    for name in ("fl", "ld", "fs", "t63_decrease", "t63_output"):
+        q[name] /= cfg.master_lr
+    if twin is None:
+        q = {k: v for k, v in q.items() if k not in STABILITY and k not in THEOREM_6_3}
+    else:
+        q["bs"] = backward_stability(twin, cfg.n_inputs, seed, step_cfg) / cfg.master_lr
     return DesiderataPoint(scaling, width, depth, seed, **q)
+
+
+def fitted_quantities(cfg: DesiderataConfig) -> list[str]:
+    """The quantities fitted for `cfg`: the desiderata's, the diagnostics, and (stability) FS, BS, Thm 6.3."""
+    names = [*QUANTITIES, *DIAGNOSTICS]
+    return names + ([*STABILITY, *THEOREM_6_3] if cfg.stability else [])
 
 
 def fit_exponents(
@@ -192,12 +262,21 @@ def fit_exponents(
     return Exponents(scaling, quantity, s_m, s_L)
 
 
+def holds(e: Exponents, threshold: float) -> bool:
+    """Θ(1): both exponents below the threshold in absolute value; O(1) (UPPER_BOUNDS): both below it."""
+    if e.quantity in UPPER_BOUNDS:
+        return e.width < threshold and e.depth < threshold
+    return abs(e.width) < threshold and abs(e.depth) < threshold
+
+
 def verdicts(exponents: list[Exponents], threshold: float) -> dict[str, dict[str, bool]]:
-    """scaling -> property -> holds (every quantity of the property has |exponent| < threshold in m and L)."""
-    out: dict[str, dict[str, bool]] = defaultdict(lambda: {p: True for p in PROPERTIES})
+    """scaling -> property -> holds (every quantity of the property `holds`); diagnostics are not decided on, and
+    a property appears only when one of its quantities was fitted."""
+    out: dict[str, dict[str, bool]] = defaultdict(dict)
     for e in exponents:
-        ok = abs(e.width) < threshold and abs(e.depth) < threshold
-        out[e.scaling][QUANTITIES[e.quantity]] &= ok
+        prop = PROPERTY_OF.get(e.quantity)
+        if prop is not None:
+            out[e.scaling][prop] = out[e.scaling].get(prop, True) and holds(e, threshold)
     return dict(out)
 
 
@@ -225,7 +304,9 @@ def run_desiderata(
     finally:
         torch.set_num_threads(threads)
     result.exponents = [
-        fit_exponents(result.points, s, q, cfg.max_aspect) for s in cfg.scalings for q in QUANTITIES
+        fit_exponents(result.points, s, q, cfg.max_aspect)
+        for s in cfg.scalings
+        for q in fitted_quantities(cfg)
     ]
     result.verdicts = verdicts(result.exponents, cfg.threshold)
     result.seconds = time.perf_counter() - start
@@ -254,17 +335,19 @@ def markdown_table(result: DesiderataResult, cfg: DesiderataConfig) -> str:
     by_key = {(e.scaling, e.quantity): e for e in result.exponents}
     header = "| quantity (property) | " + " | ".join(f"{names[s]}: s_m, s_L" for s in cfg.scalings) + " |"
     lines = [header, "|---" * (len(cfg.scalings) + 1) + "|"]
-    for q, prop in QUANTITIES.items():
+    for q in fitted_quantities(cfg):
         cells = []
         for s in cfg.scalings:
             e = by_key[(s, q)]
-            ok = abs(e.width) < cfg.threshold and abs(e.depth) < cfg.threshold
-            cells.append(f"{e.width:+.2f}, {e.depth:+.2f}{'' if ok else ' ✗'}")
-        lines.append(f"| {q} ({prop}) | " + " | ".join(cells) + " |")
+            mark = "" if q in DIAGNOSTICS or holds(e, cfg.threshold) else " ✗"
+            cells.append(f"{e.width:+.2f}, {e.depth:+.2f}{mark}")
+        label = THEOREM_6_3.get(q, PROPERTY_OF.get(q, "diagnostic"))
+        lines.append(f"| {q} ({label}{', O(1)' if q in UPPER_BOUNDS else ''}) | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| property | " + " | ".join(names[s] for s in cfg.scalings) + " |")
     lines.append("|---" * (len(cfg.scalings) + 1) + "|")
-    for prop in PROPERTIES:
+    properties = [*PROPERTIES, *STABILITY.values(), THM] if cfg.stability else PROPERTIES
+    for prop in properties:
         cells = ["holds" if result.verdicts[s][prop] else "**fails**" for s in cfg.scalings]
         lines.append(f"| {prop} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -273,7 +356,8 @@ def markdown_table(result: DesiderataResult, cfg: DesiderataConfig) -> str:
         f"{list(cfg.depths)}"
         f"{'' if cfg.max_aspect is None else f' with L/m ≤ {cfg.max_aspect:g}'}, {cfg.seeds} seed(s), "
         f"{cfg.n_inputs} input(s), master step {cfg.master_lr:g}); "
-        f"✗: |s| ≥ {cfg.threshold:g}, so the quantity is not Θ(1)."
+        f"✗: |s| ≥ {cfg.threshold:g}, so the quantity is not Θ(1) (O(1) quantities: s ≥ {cfg.threshold:g}); "
+        "diagnostics are not decided on."
     )
     return "\n".join(lines)
 
@@ -285,9 +369,10 @@ def plot(result: DesiderataResult, cfg: DesiderataConfig, out: Path) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = fitted_quantities(cfg)
     logs = defaultdict(list)  # (scaling, quantity, width, depth) -> log q over seeds
     for p in result.points:
-        for q in QUANTITIES:
+        for q in names:
             logs[(p.scaling, q, p.width, p.depth)].append(math.log(getattr(p, q)))
 
     def geometric_mean(s: str, q: str, m: int, L: int) -> float:
@@ -295,8 +380,8 @@ def plot(result: DesiderataResult, cfg: DesiderataConfig, out: Path) -> list[Pat
 
     files = []
     for s in cfg.scalings:
-        fig, axes = plt.subplots(2, len(QUANTITIES), figsize=(3.0 * len(QUANTITIES), 5.2), squeeze=False)
-        for col, q in enumerate(QUANTITIES):
+        fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.2), squeeze=False)
+        for col, q in enumerate(names):
             top, bottom = axes[0][col], axes[1][col]
             for L in cfg.depths:
                 top.plot(cfg.widths, [geometric_mean(s, q, m, L) for m in cfg.widths], marker="o", ms=3, lw=1,
@@ -308,7 +393,7 @@ def plot(result: DesiderataResult, cfg: DesiderataConfig, out: Path) -> list[Pat
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel(xlabel)
-                ax.set_title(f"{q} ({QUANTITIES[q]})", fontsize=9)
+                ax.set_title(f"{q} ({PROPERTY_OF.get(q, 'diagnostic')})", fontsize=9)
                 ax.tick_params(labelsize=7)
         axes[0][0].legend(fontsize=6)
         axes[1][0].legend(fontsize=6)

@@ -127,7 +127,7 @@ class Reproduction:
             self.first_order_error_last = max(self.first_order_error_last, errors[-1])
 
 
-def _inputs_and_signs(n_inputs: int, seed: int, cfg: ReproConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_signs(n_inputs: int, seed: int, cfg: ReproConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """n dense inputs (‖x‖ = √d) and residual signs u = ±1, from the seed."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     x = dense_inputs(n_inputs, cfg.input_dim, generator=gen, dtype=torch.float64)
@@ -137,7 +137,7 @@ def _inputs_and_signs(n_inputs: int, seed: int, cfg: ReproConfig) -> tuple[torch
 
 def one_step(model: torch.nn.Module, n_inputs: int, seed: int, cfg: ReproConfig) -> StepStats:
     """One measured GD step at init on n dense inputs, with targets that make each initial residual ±1."""
-    x, sign = _inputs_and_signs(n_inputs, seed, cfg)
+    x, sign = inputs_and_signs(n_inputs, seed, cfg)
     with torch.no_grad():
         y = model(x) + sign
 
@@ -156,7 +156,7 @@ def _readout_linear(model: nn.Module) -> nn.Linear:
 def paper_sensitivity(model: nn.Module, seed: int, cfg: ReproConfig) -> float:
     """S_{L−1} in the paper's setting: one input on the unit sphere, one GD step of master size paper_master_lr,
     ‖δφ‖_rms of the feature the readout multiplies over the total loss change L(w) − L(w + δw)."""
-    x, sign = _inputs_and_signs(1, seed, cfg)
+    x, sign = inputs_and_signs(1, seed, cfg)
     x = x / math.sqrt(cfg.input_dim)
     seen: list[torch.Tensor] = []
     handle = _readout_linear(model).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
@@ -178,7 +178,7 @@ def paper_sensitivity(model: nn.Module, seed: int, cfg: ReproConfig) -> float:
 def backward_step(model: nn.Module, seed: int, cfg: ReproConfig) -> BackwardStepStats:
     """One GD step (master size backward_master_lr) at init on one input with the linear loss −⟨u, out⟩, u = ±1,
     measured by BackwardSpeedProbe."""
-    x, sign = _inputs_and_signs(1, seed, cfg)
+    x, sign = inputs_and_signs(1, seed, cfg)
 
     def linear_loss(out: torch.Tensor) -> torch.Tensor:
         return -(out * sign).sum(dim=1).mean()
