@@ -70,17 +70,6 @@ def block_fields(sums: BlockSums, contribution: float, loss_decrease: float) -> 
     return fields
 
 
-def cos_angle(update: torch.Tensor, backward: torch.Tensor) -> float:
-    """cos θ between a feature update δf and −b (PAPER.md §1), on whole tensors, in float64."""
-    u, b = update.double().flatten(), backward.double().flatten()
-    return float(-(u @ b) / (u.norm() * b.norm()))
-
-
-def feature_speed(loss_decrease: float, cos_theta: float, backward_norm: float) -> float:
-    """The feature speed formula: ‖δf_ℓ‖ = ΔL_{≤ℓ} / (cos θ_ℓ · ‖b_ℓ‖)."""
-    return loss_decrease / (cos_theta * backward_norm)
-
-
 # --- the Backward-to-Feature Kernel (PAPER.md §4) on its spectrum ---------------------------------------------
 
 

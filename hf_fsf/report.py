@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_fsf.stats import BLOCK_FIELDS  # block fields read from each record; missing ones are NaN
+from hf_fsf.layout import HEAD, STEM
+from hf_fsf.stats import BLOCK_FIELDS, StepStats
 from hf_fsf.stats import STATS_FILE as STATS_FILENAME
 
 # Quantities averaged in the summary tables: (key, column title).
@@ -40,7 +41,6 @@ SUMMARY_COLUMNS = (
     ("share", "mean contribution share"),
 )
 
-STEM, HEAD = "stem", "head"
 _MISSING = "–"
 _MAX_CURVES = 12  # most blocks drawn as separate lines in one panel
 
@@ -106,7 +106,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
         raise ValueError(f"{path} holds {len(files)} stats files ({listing}, ...); pass one of them.")
     file = files[0]
     notes: list[str] = []
-    records: dict[int, dict] = {}  # step -> record; a repeated step (resumed run) keeps the last one
+    records: dict[int, tuple[StepStats, dict]] = {}  # step -> (stats, scales); a resumed run keeps the last
     invalid = bad_lines = repeated = 0
     with file.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -114,19 +114,17 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                stats = StepStats.from_record(record)
+            except (json.JSONDecodeError, ValueError):
                 bad_lines += 1
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("blocks", []), list):
-                bad_lines += 1
-                continue
-            if record.get("valid") is False:
+            if not stats.valid:
                 invalid += 1
                 continue
-            step = record.get("step")
-            step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else line_no
+            step = stats.step if stats.step is not None else line_no
             repeated += step in records
-            records[step] = record
+            scales = record.get("scales")
+            records[step] = (stats, scales if isinstance(scales, dict) else {})
     if bad_lines:
         notes.append(f"{bad_lines} line(s) that are not a JSON stats record were skipped.")
     if invalid:
@@ -135,39 +133,34 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
         notes.append(
             f"{repeated} repeated step number(s) (a resumed run?): the last record of each was kept."
         )
-
     ordered = [records[s] for s in sorted(records)]
-    block_names: list[str] = []
-    for record in ordered:
-        for block in record.get("blocks") or []:
-            if (
-                isinstance(block, dict)
-                and block.get("name") not in block_names
-                and block.get("name") is not None
-            ):
-                block_names.append(str(block["name"]))
+    return _run_data(name or default_run_name(file), file, sorted(records), ordered, notes)
+
+
+def _run_data(
+    name: str, file: Path, steps: list[int], ordered: list[tuple[StepStats, dict]], notes: list[str]
+) -> RunData:
+    """The arrays of one run from its valid steps in order."""
+    block_names = list(dict.fromkeys(b.name for stats, _ in ordered for b in stats.blocks))
     index = {n: i for i, n in enumerate(block_names)}
-    num_steps = len(ordered)
-    values = {f: np.full((len(block_names), num_steps), np.nan) for f in BLOCK_FIELDS}
+    values = {f: np.full((len(block_names), len(ordered)), np.nan) for f in BLOCK_FIELDS}
     scales: dict[str, np.ndarray] = {}
-    for t, record in enumerate(ordered):
-        for block in record.get("blocks") or []:
-            if isinstance(block, dict) and str(block.get("name")) in index:
-                row = index[str(block["name"])]
-                for f in BLOCK_FIELDS:
-                    values[f][row, t] = _float(block.get(f))
-        for block_name, scale in (record.get("scales") or {}).items():
-            scales.setdefault(str(block_name), np.full(num_steps, np.nan))[t] = _float(scale)
+    for t, (stats, step_scales) in enumerate(ordered):
+        for block in stats.blocks:
+            for f in BLOCK_FIELDS:
+                values[f][index[block.name], t] = _float(getattr(block, f))
+        for block_name, scale in step_scales.items():
+            scales.setdefault(str(block_name), np.full(len(ordered), np.nan))[t] = _float(scale)
     return RunData(
-        name=name or default_run_name(file),
+        name=name,
         path=file,
-        steps=np.array(sorted(records), dtype=np.int64),
-        loss=np.array([_float(r.get("loss")) for r in ordered]),
-        angle=np.array([bool(r.get("angle")) for r in ordered], dtype=bool),
+        steps=np.array(steps, dtype=np.int64),
+        loss=np.array([_float(stats.loss) for stats, _ in ordered]),
+        angle=np.array([stats.angle for stats, _ in ordered], dtype=bool),
         block_names=block_names,
         values=values,
-        stem_contribution=np.array([_float(r.get("stem_contribution")) for r in ordered]),
-        head_contribution=np.array([_float(r.get("head_contribution")) for r in ordered]),
+        stem_contribution=np.array([stats.stem_contribution for stats, _ in ordered]),
+        head_contribution=np.array([stats.head_contribution for stats, _ in ordered]),
         scales=scales,
         notes=notes,
     )

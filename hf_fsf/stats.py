@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 # The file a training run writes, one StepStats.to_record() per line (callback), read by the report.
@@ -41,6 +42,19 @@ class BlockStats:
 
 def _finite(values) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _number(value: object) -> float | None:
+    """A JSON number as a float; null, booleans, strings and other junk as None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _float(value: object) -> float:
+    """A JSON number as a float, anything else as NaN (a number that is missing, not zero)."""
+    number = _number(value)
+    return math.nan if number is None else number
 
 
 @dataclass
@@ -113,3 +127,33 @@ class StepStats:
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "blocks"}
         record["blocks"] = [asdict(b) for b in self.blocks]
         return record
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> StepStats:
+        """The StepStats of one line of fsf_stats.jsonl (the inverse of to_record), read as leniently as a file
+        written by an older version or cut off mid-run needs: a missing or non-numeric block field is None, a missing
+        contribution, scale or norm NaN, a missing `valid` True; blocks without a name and unknown keys (such as the
+        callback's "scales") are left out. Raises ValueError when the record is not a mapping with a list of blocks.
+        """
+        if not isinstance(record, Mapping) or not isinstance(record.get("blocks", []), list):
+            raise ValueError("StepStats.from_record: expected a mapping with a list under 'blocks'.")
+        blocks = [
+            BlockStats(name=str(block["name"]), **{f: _number(block.get(f)) for f in BLOCK_FIELDS})
+            for block in record.get("blocks") or []
+            if isinstance(block, Mapping) and block.get("name") is not None
+        ]
+        step = _number(record.get("step"))
+        norms = record.get("group_grad_norms")
+        return cls(
+            loss=_number(record.get("loss")),
+            blocks=blocks,
+            stem_contribution=_float(record.get("stem_contribution")),
+            head_contribution=_float(record.get("head_contribution")),
+            grad_scale=_float(record.get("grad_scale")),
+            group_grad_norms={str(k): _float(v) for k, v in norms.items()}
+            if isinstance(norms, Mapping)
+            else {},
+            angle=bool(record.get("angle")),
+            valid=record.get("valid") is not False,
+            step=int(step) if step is not None and math.isfinite(step) else None,
+        )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hf_fsf.report import cli_main, contribution_shares, load_run, shorten_names, write_report
+from hf_fsf.stats import BlockStats, StepStats
 
 BLOCKS = [f"transformer.h.{i}" for i in range(4)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -208,3 +209,35 @@ def test_shorten_names():
     assert shorten_names(["blocks.0"]) == ["blocks.0"]
     long = [f"model.{'x' * 40}.{i}" for i in range(3)]
     assert all(len(label) <= 28 for label in shorten_names(long))
+
+
+def test_step_stats_from_record_inverts_to_record_and_tolerates_junk():
+    stats = StepStats(
+        loss=2.5,
+        blocks=[
+            BlockStats(name="h.0", forward_rms=1.0, contribution=0.01, cos_theta=0.4),
+            BlockStats(name="h.1"),
+        ],
+        stem_contribution=0.002,
+        head_contribution=0.003,
+        grad_scale=0.5,
+        group_grad_norms={"stem": 1.5, "h.0": 2.0},
+        angle=True,
+        valid=True,
+        step=7,
+    )
+    assert StepStats.from_record(json.loads(json.dumps(stats.to_record()))) == stats
+    junk = {
+        "step": "x",
+        "loss": None,
+        "blocks": [{"name": "h.0", "cos_theta": "0.3", "contribution": True}, {"cos_theta": 1.0}, 3],
+        "scales": {"h.0": 0.5},
+    }
+    read = StepStats.from_record(junk)
+    assert read.step is None and read.loss is None and read.valid and not read.angle
+    assert [b.name for b in read.blocks] == ["h.0"]
+    assert read.blocks[0].cos_theta is None and read.blocks[0].contribution is None
+    assert math.isnan(read.stem_contribution) and math.isnan(read.grad_scale)
+    for bad in ([], {"blocks": {"h.0": {}}}):
+        with pytest.raises(ValueError, match="blocks"):
+            StepStats.from_record(bad)
