@@ -228,6 +228,9 @@ class FSCOptimizer(torch.optim.Optimizer):
         default; an LR scheduler with warm-up does the same through lr).
       capture_loss: register a forward hook on the model that records `output.loss` of training forwards (HF
         models), so that step() needs no argument inside the Trainer.
+      zero_init_head: set the head's parameters to zero now (the paper's App. B). No gradient then reaches the
+        other groups at the first step, so only the head moves and takes the whole target: its first-step rate is
+        the Polyak step rate × loss / ‖∇_head‖² for a plain SGD base. Every group is active from the second step.
 
     Where the loss comes from, first available wins: step(closure) → step(loss=...) → the mean of the losses seen
     since the last step (the hook or observe_loss) → the previous step's loss (with a warning). See
@@ -254,11 +257,21 @@ class FSCOptimizer(torch.optim.Optimizer):
         max_scale: float | None = None,
         warmup_steps: int = 0,
         capture_loss: bool = True,
+        zero_init_head: bool = False,
         **base_kwargs: Any,
     ) -> None:
         _check_settings(rate, target, balance, ema_beta, max_scale, warmup_steps, base_kwargs)
         model, options = _model_and_options(model_or_params, model)
         groups = _fsc_groups(model, blocks, options)
+        if zero_init_head:
+            head = dict(groups).get(HEAD)
+            if not head:
+                raise ValueError(
+                    "FSCOptimizer: zero_init_head=True but the model has no trainable head parameter (a readout "
+                    "tied to the input embeddings is in the stem); untie it or leave zero_init_head off."
+                )
+            with torch.no_grad():
+                torch._foreach_zero_(head)
         self.target_mode = target
         self.balance = balance
         self.ema_beta = float(ema_beta)
