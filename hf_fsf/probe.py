@@ -232,8 +232,8 @@ class _Chunk:
 
 
 def _chunks(params: list[tuple[int, nn.Parameter]], limit: int) -> list[_Chunk]:
-    """(group, parameter) pairs with a dense gradient, in chunks of about `limit` elements; a parameter larger
-    than `limit` is cut into flat pieces."""
+    """(group, parameter) pairs with a dense gradient, in chunks of about `limit` elements on one device; a
+    parameter larger than `limit` is cut into flat pieces."""
     chunks, chunk = [], _Chunk()
     for group, param in params:
         grad = param.grad
@@ -243,7 +243,7 @@ def _chunks(params: list[tuple[int, nn.Parameter]], limit: int) -> list[_Chunk]:
         if param.numel() > limit:
             pieces = list(zip(grad.reshape(-1).split(limit), param.reshape(-1).split(limit)))
         for g, w in pieces:
-            if chunk.grads and chunk.size + g.numel() > limit:
+            if chunk.grads and (chunk.size + g.numel() > limit or g.device != chunk.grads[0].device):
                 chunk.close_run()
                 chunks.append(chunk)
                 chunk = _Chunk()
@@ -291,7 +291,7 @@ class FeatureSpeedProbe:
         self._slots = _Slots(len(self.layout.blocks), len(self.layout.tied), len(self._groups))
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._zeros: dict[torch.dtype, torch.Tensor] = {}  # padding of rows, per dtype
+        self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # padding of rows
         self._reference = self._reference_parameters()
         self._install_hooks()
 
@@ -572,7 +572,7 @@ class FeatureSpeedProbe:
             for t, p in zip(step.reference, self._reference)
         ]
         final = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._reference]
-        both = torch.cat([*seen, *final]).to(device=self.device, dtype=torch.float64).view(2, -1)
+        both = torch.cat([t.to(self.device) for t in (*seen, *final)]).to(torch.float64).view(2, -1)
         world = world_size()
         if world > 1:
             dist.all_reduce(both[0])
@@ -599,14 +599,14 @@ class FeatureSpeedProbe:
             for product, pad in zip(products, chunk.pads):
                 parts.append(product.reshape(-1))
                 if pad:
-                    parts.append(self._padding(pad, product.dtype))
+                    parts.append(self._padding(pad, product.dtype, product.device))
             rows = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(-1, _ROW)
             step.add_rows(rows.sum(1, dtype=torch.float64), [first + g for g in chunk.row_groups])
 
-    def _padding(self, size: int, dtype: torch.dtype) -> torch.Tensor:
-        zeros = self._zeros.get(dtype)
+    def _padding(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        zeros = self._zeros.get((dtype, device))
         if zeros is None:
-            zeros = self._zeros[dtype] = torch.zeros(_ROW, dtype=dtype, device=self.device)
+            zeros = self._zeros[dtype, device] = torch.zeros(_ROW, dtype=dtype, device=device)
         return zeros[:size]
 
     @torch.no_grad()
