@@ -24,11 +24,23 @@ config.json by ``save_pretrained``); after ``from_pretrained``, one ``apply_bran
 the hooks from it. The hooks are visible in ``module._forward_hooks`` (their repr names β) and the record is read
 with `get_branch_scaling`.
 
+**Sandwich norms** (OLMo 2 and 3, Gemma 2 and 3, GLM-4): a block computes h + norm(branch(h)). A β on the
+projection would be undone by the norm after it, so the branch's last module is that norm and β multiplies its
+output: h + β·norm(branch(h)), the paper's branch scale on the branch these models add to the stream.
+
 **Function-preserving mode** (``preserve_function=True``, for pretrained checkpoints): the weight and bias of
 each branch's output module are divided by β, so the output of the model is unchanged at the moment of the
 call, but the gradient of those weights is multiplied by β (and their effective update by β²): training
-dynamics change. A checkpoint saved in that state holds the 1/β in its weights: loading it without calling
-`apply_branch_scaling` gives a different function.
+dynamics change. For a post-branch norm, the 1/β goes into its gain: weight/β for a gain ``weight``, and
+``(1 + weight)/β - 1`` for Gemma's gain ``1 + weight`` (found by evaluating the norm, not from its class name);
+the gradient of that weight is again multiplied by β. A checkpoint saved in that state holds the 1/β in its
+weights: loading it without calling `apply_branch_scaling` gives a different function.
+
+**Supported families** (checked by tests/test_residual.py: β = 0 makes every block the identity, β = 1 changes
+nothing, function-preserving mode, save/load): GPT-2, GPT-NeoX, Llama, Mistral, Mixtral, Qwen2, Gemma, Phi, ViT, T5
+(branch ends at an output projection), OLMo 2, OLMo 3, Gemma 2, Gemma 3 (text and multimodal), GLM-4 (branch ends at
+a post-branch norm). Other pre-LN models go through the same rule with a warning, or take ``branches=``. Refused:
+post-LN models (BERT, RoBERTa, ...) and Gemma 3n (AltUp / LAuReL blocks).
 
 Call it on the bare model, before DDP / FSDP wrapping, `torch.compile` or PEFT adapters (a LoRA adapter added
 to an output projection afterwards is not scaled by its hook).
@@ -36,6 +48,7 @@ to an output projection afterwards is not scaled by its hook).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -65,6 +78,7 @@ FAMILY_OUTPUT_MODULES: dict[str, tuple[str, ...]] = {
 # Families checked by tests/test_residual.py (β = 0 makes every block the identity): no warning for them.
 VERIFIED_FAMILIES = frozenset(
     {"gpt2", "gpt_neox", "llama", "mistral", "mixtral", "qwen2", "gemma", "phi", "vit", "t5"}
+    | {"olmo2", "olmo3", "gemma2", "gemma3", "gemma3_text", "glm4"}
 )
 
 # Post-LN: a block computes norm(h + branch(h)), so β = 0 does not make it the identity and the per-branch
@@ -77,9 +91,22 @@ POST_LN_FAMILIES = frozenset(
     }
 )  # fmt: skip
 
-# Sandwich norm: h + norm(branch(h)); the norm after the projection would undo a β placed on it.
-SANDWICH_FAMILIES = frozenset({"gemma2", "gemma3", "gemma3_text", "gemma3n_text", "glm4", "olmo2"})
+# Sandwich norm: h + norm(branch(h)); a β on the projection would be undone by the norm after it, so the branch's
+# last module is that norm. (In Llama-like blocks `post_attention_layernorm` is the MLP's input norm: by family.)
+_GEMMA_OLMO_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+SANDWICH_OUTPUT_MODULES: dict[str, tuple[str, ...]] = {
+    "olmo2": _GEMMA_OLMO_POST_NORMS,
+    "olmo3": _GEMMA_OLMO_POST_NORMS,
+    "gemma2": _GEMMA_OLMO_POST_NORMS,
+    "gemma3": _GEMMA_OLMO_POST_NORMS,  # multimodal: the blocks are its language model's
+    "gemma3_text": _GEMMA_OLMO_POST_NORMS,
+    "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm"),
+}
+# Names that only post-branch norms carry: the generic rule refuses blocks that have one.
 _SANDWICH_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_self_attn_layernorm")
+
+# AltUp / LAuReL blocks: the stream is a set of predictions mixed by learned weights, not h + branch(h).
+ALTUP_FAMILIES = frozenset({"gemma3n", "gemma3n_text"})
 
 HOW_TO_PASS_BRANCHES = (
     "Pass the branch output modules explicitly, relative to each block, e.g. "
@@ -182,7 +209,7 @@ def apply_branch_scaling(
     blocks: the blocks, for models where `find_blocks` cannot find them: block names, or a BlockLayout.
 
     Raises ValueError for post-LN families (BERT, RoBERTa, ...: a block is norm(h + branch(h)), not
-    h + branch(h)), for sandwich-norm families, and when no branch output module is found.
+    h + branch(h)), for Gemma 3n (AltUp blocks), and when no branch output module is found.
     """
     model = unwrap_model(model)
     previous, hooked = _previous_scaling(model)
@@ -236,9 +263,9 @@ def _new_scaling(
 
 
 def _absorb_into_weights(model: nn.Module, target: BranchScaling, current: Mapping[str, float]) -> None:
-    """Multiply each branch's output weights by β_current/β_target (updating target.weight_scale), so that the
-    model computes the same function under the new multipliers. Every module is checked before any weight
-    changes."""
+    """Multiply each branch's output weights (or a post-branch norm's gain) by β_current/β_target (updating
+    target.weight_scale), so that the model computes the same function under the new multipliers. Every module
+    is checked before any weight changes."""
     zero = [b for b, v in target.beta.items() if v == 0.0]
     if zero:
         raise ValueError(
@@ -257,13 +284,18 @@ def _absorb_into_weights(model: nn.Module, target: BranchScaling, current: Mappi
         ratio = current.get(block, 1.0) / target.beta[block]
         if ratio == 1.0:
             continue  # exactly nothing to do: keeps a repeated call bit-identical
-        rescale += [
-            (p, ratio) for rel in rels for p in _absorbing_params(named[f"{block}.{rel}"], f"{block}.{rel}")
-        ]
+        for rel in rels:
+            rescale += [
+                (p, c, ratio) for p, c in _absorbing_params(named[f"{block}.{rel}"], f"{block}.{rel}")
+            ]
         target.weight_scale[block] = target.weight_scale.get(block, 1.0) * ratio
     with torch.no_grad():
-        for param, ratio in rescale:
-            param.mul_(ratio)
+        for param, offset, ratio in rescale:
+            if offset == 0.0:
+                param.mul_(ratio)
+            else:  # a gain offset + weight: the gain is multiplied, computed in at least float32
+                wide = param.to(torch.promote_types(param.dtype, torch.float32))
+                param.copy_((wide + offset) * ratio - offset)
 
 
 def _install(model: nn.Module, target: BranchScaling, hooked: list[tuple[nn.Module, int]]) -> None:
@@ -314,19 +346,21 @@ def _check_family(model: nn.Module) -> str | None:
             f"apply_branch_scaling: {model_type!r} has apply_residual_connection_post_layernorm=True: the residual "
             "stream is the normed input, not h, so blocks are not h + branch(h)."
         )
-    if model_type in SANDWICH_FAMILIES:
+    if model_type in ALTUP_FAMILIES:
         raise ValueError(
-            f"apply_branch_scaling: {model_type!r} normalizes each branch's output (h + norm(branch(h))), so a "
-            "multiplier on the output projection is undone by that norm. To scale anyway, pass the post-branch "
-            "norms as branches (e.g. branches=['post_attention_layernorm', 'post_feedforward_layernorm']); "
-            "preserve_function=True is not supported for norms of the form (1 + w)·x."
+            f"apply_branch_scaling: {model_type!r} blocks (AltUp, LAuReL) mix several predictions of the stream with "
+            "learned weights; they are not h + branch(h), so there is no branch multiplier with β = 0 giving the "
+            "identity. Gemma 2 and Gemma 3 are supported."
         )
     return model_type
 
 
 def _branch_outputs(block: nn.Module, model_type: str | None) -> list[str]:
-    """Branch output modules of a block, relative to it: modules named like an output projection, or modules
-    holding fused expert weights (3-D parameters named like one); outermost matches only."""
+    """Branch output modules of a block, relative to it: the post-branch norms of a sandwich-norm family, else
+    modules named like an output projection, or modules holding fused expert weights (3-D parameters named like
+    one); outermost matches only."""
+    if model_type in SANDWICH_OUTPUT_MODULES:
+        return list(SANDWICH_OUTPUT_MODULES[model_type])
     extra = FAMILY_OUTPUT_MODULES.get(model_type or "", ())
     found = []
     for rel, module in block.named_modules():
@@ -335,7 +369,9 @@ def _branch_outputs(block: nn.Module, model_type: str | None) -> list[str]:
         if any(n in _SANDWICH_NORM_NAMES for n in rel.split(".")):
             raise ValueError(
                 f"apply_branch_scaling: the block has a post-branch norm {rel!r} (h + norm(branch(h))); a "
-                "multiplier on the projection would be undone by it. " + HOW_TO_PASS_BRANCHES
+                "multiplier on the projection would be undone by it, so β goes on the norms that end the branches: "
+                "pass them, e.g. branches=['post_attention_layernorm', 'post_feedforward_layernorm'] if those "
+                "are the norms applied to the attention and MLP outputs."
             )
         own = dict(module.named_parameters(recurse=False))
         projection = (rel.rsplit(".", 1)[-1] in OUTPUT_NAMES or rel in extra) and "weight" in own
@@ -469,26 +505,65 @@ def _betas(beta: BetaSpec, layout: list[list[tuple[str, list[str]]]]) -> dict[st
     return values
 
 
-def _absorbing_params(module: nn.Module, name: str) -> list[nn.Parameter]:
-    """The parameters of a branch output module in which its output is homogeneous of degree 1."""
+def _absorbing_params(module: nn.Module, name: str) -> list[tuple[nn.Parameter, float]]:
+    """The parameters of a branch output module in which its output is homogeneous of degree 1, each with the
+    offset c such that the output scales with c + parameter: 1 for the weight of a norm with gain 1 + weight."""
     own = dict(module.named_parameters(recurse=False))
-    linear_like = isinstance(module, (nn.Linear, nn.LayerNorm)) or (
+    linear_like = isinstance(module, nn.Linear) or (
         type(module).__name__ == "Conv1D" and own.get("weight") is not None and own["weight"].ndim == 2
     )
     if linear_like:
-        params = [p for p in (own.get("weight"), own.get("bias")) if p is not None]
+        params = [(p, 0.0) for p in (own.get("weight"), own.get("bias")) if p is not None]
+    elif _is_norm(module):
+        params = [(own["weight"], _gain_offset(module, name))]
+        params += [(own["bias"], 0.0)] if own.get("bias") is not None else []
     else:
         names = [n for n, p in own.items() if n in OUTPUT_NAMES and p.ndim == 3]
-        params = [own[n] for n in names] + [own[f"{n}_bias"] for n in names if f"{n}_bias" in own]
+        params = [(own[n], 0.0) for n in names] + [
+            (own[f"{n}_bias"], 0.0) for n in names if f"{n}_bias" in own
+        ]
         if any("Norm" in type(m).__name__ for m in module.modules()):
             params = []  # a norm after the experts' down projection (post_expert_norm) would undo 1/β
     if not params:
         raise ValueError(
             f"apply_branch_scaling: cannot put 1/β into the weights of {name!r} ({type(module).__name__}): "
-            "preserve_function=True supports nn.Linear, Conv1D, nn.LayerNorm and fused-experts modules, whose "
-            "output scales with their weights. Use preserve_function=False, or name a linear output projection."
+            "preserve_function=True supports nn.Linear, Conv1D, norms with an elementwise gain (LayerNorm, "
+            "RMSNorm) and fused-experts modules, whose output scales with their weights. Use "
+            "preserve_function=False, or name a linear output projection."
         )
     return params
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization with an elementwise gain `weight` (nn.LayerNorm, nn.RMSNorm, the families' RMSNorms)."""
+    weight = getattr(module, "weight", None)
+    return "Norm" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.ndim >= 1
+
+
+def _gain_offset(norm: nn.Module, name: str) -> float:
+    """c such that the norm's gain is c + weight: 0 (LayerNorm, Llama's RMSNorm) or 1 (Gemma's RMSNorm, whose
+    weight starts at 0). The convention is in no attribute, so a float64 copy of the norm is evaluated: the right
+    c is the one for which the weight (c + weight)·2 - c (and the bias doubled) doubles the output."""
+    probe = copy.deepcopy(norm).to(torch.float64)
+    probe._forward_hooks.clear()
+    weight = probe.weight.detach().clone()
+    x = torch.randn(4, *weight.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = {}
+    with torch.no_grad():
+        reference = probe(x.to(weight.device))
+        if isinstance(getattr(probe, "bias", None), torch.Tensor):
+            probe.bias.mul_(2.0)
+        for offset in (0.0, 1.0):
+            probe.weight.copy_((weight + offset) * 2.0 - offset)
+            errors[offset] = float((probe(x.to(weight.device)) - 2.0 * reference).abs().max())
+    offset = min(errors, key=errors.get)
+    # 1e-4: the families' norms compute in float32 whatever the dtype of the model
+    if not errors[offset] <= 1e-4 * float(reference.abs().max()):
+        raise ValueError(
+            f"apply_branch_scaling: cannot put 1/β into the gain of the norm {name!r} ({type(norm).__name__}): "
+            "its output is proportional neither to weight nor to 1 + weight. Use preserve_function=False."
+        )
+    return offset
 
 
 def _registered_multipliers(model: nn.Module) -> list[tuple[nn.Module, int]]:

@@ -15,6 +15,13 @@ COMMON = {"attn_implementation": "eager", "bos_token_id": 0, "eos_token_id": 0, 
 DECODER = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16}
 LLAMA_LIKE = ["self_attn.o_proj", "mlp.down_proj"]
+# Sandwich norm (h + norm(branch(h))): the branch ends at the norm applied to the attention / MLP output.
+POST_NORMS = ["post_attention_layernorm", "post_feedforward_layernorm"]
+GEMMA3_TEXT = {**DECODER, **HEADS, "head_dim": 16}
+GEMMA3_VISION = {
+    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 8,
+    "patch_size": 4,
+}  # fmt: skip
 
 # family -> (model class, config, expected branch output modules per block, written out by hand)
 FAMILIES = {
@@ -77,7 +84,43 @@ FAMILIES = {
             "decoder.block.*": ["layer.0.SelfAttention.o", "layer.1.EncDecAttention.o", "layer.2.DenseReluDense.wo"],
         },
     ),
+    "olmo2": (
+        tf.Olmo2ForCausalLM, lambda: tf.Olmo2Config(**DECODER, **HEADS, **COMMON), {"model.layers.*": POST_NORMS},
+    ),
+    "olmo3": (
+        tf.Olmo3ForCausalLM, lambda: tf.Olmo3Config(**DECODER, **HEADS, **COMMON), {"model.layers.*": POST_NORMS},
+    ),
+    "glm4": (
+        tf.Glm4ForCausalLM,
+        lambda: tf.Glm4Config(**DECODER, **HEADS, head_dim=16, **COMMON),
+        {"model.layers.*": ["post_self_attn_layernorm", "post_mlp_layernorm"]},
+    ),
+    "gemma2": (
+        tf.Gemma2ForCausalLM,
+        lambda: tf.Gemma2Config(**DECODER, **HEADS, head_dim=16, **COMMON),
+        {"model.layers.*": POST_NORMS},
+    ),
+    "gemma3_text": (
+        tf.Gemma3ForCausalLM, lambda: tf.Gemma3TextConfig(**GEMMA3_TEXT, **COMMON), {"model.layers.*": POST_NORMS},
+    ),
+    "gemma3": (  # multimodal: the blocks are the language model's; text-only inputs
+        tf.Gemma3ForConditionalGeneration,
+        lambda: tf.Gemma3Config(
+            text_config=GEMMA3_TEXT, vision_config=GEMMA3_VISION, mm_tokens_per_image=4, **COMMON
+        ),
+        {"model.language_model.layers.*": POST_NORMS},
+    ),
 }  # fmt: skip
+
+SANDWICH = [
+    f for f, (_, _, branches) in FAMILIES.items() if next(iter(branches.values()))[0].endswith("layernorm")
+]
+# Gemma's RMSNorm multiplies by 1 + weight (modeling_gemma2.py, modeling_gemma3.py): 1/β goes into 1 + weight.
+GAIN_OFFSET = {"gemma2": 1.0, "gemma3": 1.0, "gemma3_text": 1.0}
+# Gemma's RMSNorm computes in float32 whatever the model's dtype (x.float(), weight.float()), so a gain rescaled
+# by 1/β is rounded to float32 there: a float64 model agrees to float32 precision only, relative to the largest
+# entry of a gradient (a wrong factor β would be off by > 40%).
+FLOAT32_NORMS = set(GAIN_OFFSET)
 
 
 # Parameters that receive 1/β: weight and bias of a projection, the down projection of fused experts.
@@ -97,11 +140,22 @@ def build(family: str) -> nn.Module:
     cls, config, _ = FAMILIES[family]
     torch.manual_seed(0)
     model = cls(config()).double().eval()
-    with torch.no_grad():  # HF initializes biases to 0, which would hide a bias that missed its 1/β
+    with (
+        torch.no_grad()
+    ):  # HF initializes biases to 0 and gains to 1 (Gemma: 0), which would hide a missed 1/β
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.1)
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
+                module.weight.add_(torch.randn_like(module.weight), alpha=0.1)
     return model
+
+
+def absorbed(original: torch.Tensor, module: nn.Module, pname: str, beta: float, family: str) -> torch.Tensor:
+    """The parameter after 1/β went into it: the gain c + weight of a norm is divided by β, c from the code."""
+    offset = GAIN_OFFSET.get(family, 0.0) if pname == "weight" and "Norm" in type(module).__name__ else 0.0
+    return (original + offset) / beta - offset
 
 
 def inputs(family: str) -> dict:
@@ -189,9 +243,11 @@ def test_preserve_function_keeps_outputs_and_scales_the_gradient_of_absorbing_we
     absorbing = {}
     for block, rels in record.branches.items():
         for rel in rels:
-            for pname, param in absorbing_parameters(named[f"{block}.{rel}"]):
-                expected = named_original[f"{block}.{rel}"].get_parameter(pname) / record.beta[block]
-                torch.testing.assert_close(param, expected, rtol=1e-14, atol=0)
+            module = named[f"{block}.{rel}"]
+            for pname, param in absorbing_parameters(module):
+                before = named_original[f"{block}.{rel}"].get_parameter(pname)
+                expected = absorbed(before, module, pname, record.beta[block], family)
+                torch.testing.assert_close(param, expected, rtol=1e-14, atol=1e-15)
                 absorbing[f"{block}.{rel}.{pname}"] = record.beta[block]
     assert absorbing
 
@@ -205,9 +261,13 @@ def test_preserve_function_keeps_outputs_and_scales_the_gradient_of_absorbing_we
             assert grads[name].grad is None, name
             continue
         assert grads[name].grad.abs().max() > 0, name  # a zero gradient would make the check empty
-        torch.testing.assert_close(
-            param.grad, absorbing.get(name, 1.0) * grads[name].grad, rtol=1e-9, atol=1e-14
-        )
+        expected = absorbing.get(name, 1.0) * grads[name].grad
+        if family in FLOAT32_NORMS:
+            torch.testing.assert_close(
+                param.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+            )
+        else:
+            torch.testing.assert_close(param.grad, expected, rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -322,10 +382,54 @@ def test_post_ln_families_are_refused(config):
     assert get_branch_scaling(model) is None
 
 
-def test_sandwich_norm_families_are_refused():
-    config = tf.Gemma2Config(**DECODER, **HEADS, head_dim=16, **COMMON)
-    with pytest.raises(ValueError, match="norm"):
-        apply_branch_scaling(tf.Gemma2ForCausalLM(config), beta=0.5)
+@pytest.mark.parametrize("family", SANDWICH)
+def test_sandwich_blocks_add_beta_times_the_normed_branch(family):
+    """h <- h + β·norm(attn(.)), then h <- h + β·norm(mlp(.)), recomputed from the captured branch outputs."""
+    model = build(family)
+    record = apply_branch_scaling(model, beta=varying_beta)
+    named = dict(model.named_modules())
+    captured = {}
+
+    def capture(name):
+        def hook(module, args, kwargs, out):
+            captured[name] = (block_input(args, kwargs), block_output(out))
+
+        return hook
+
+    watched = [f"{b}.{rel}" for b in record.branches for rel in ("self_attn", "mlp")] + list(record.branches)
+    handles = [named[n].register_forward_hook(capture(n), with_kwargs=True) for n in watched]
+    with torch.no_grad():
+        model(**inputs(family))
+    for handle in handles:
+        handle.remove()
+    for block, (attn_norm, mlp_norm) in record.branches.items():
+        beta, (h, block_out) = record.beta[block], captured[block]
+        # forward() bypasses the multiplier hook: the norm as the model defines it
+        h = h + named[f"{block}.{attn_norm}"].forward(captured[f"{block}.self_attn"][1]) * beta
+        h = h + named[f"{block}.{mlp_norm}"].forward(captured[f"{block}.mlp"][1]) * beta
+        torch.testing.assert_close(block_out, h, rtol=1e-13, atol=1e-13)
+        assert not torch.allclose(block_out, captured[block][0], atol=1e-3)  # the branches do contribute
+
+
+def test_unknown_sandwich_family_is_refused_and_explicit_post_norms_work():
+    model = build("gemma2")
+    model.config.model_type = "my_gemma_copy"
+    with pytest.raises(ValueError, match="post-branch norm"):
+        apply_branch_scaling(model, beta=0.5)
+    assert get_branch_scaling(model) is None
+    reference = output(model, "gemma2")
+    record = apply_branch_scaling(model, beta=0.5, preserve_function=True, branches=POST_NORMS)
+    assert record.absorbed
+    torch.testing.assert_close(output(model, "gemma2"), reference, rtol=0, atol=1e-6)
+
+
+def test_altup_blocks_are_refused():
+    model = build("gemma2")
+    model.config.model_type = (
+        "gemma3n_text"  # the family is read from the config; a real Gemma 3n takes ~10 s
+    )
+    with pytest.raises(ValueError, match="AltUp"):
+        apply_branch_scaling(model, beta=0.5)
 
 
 class ToyBlock(nn.Module):
@@ -364,6 +468,61 @@ def test_unknown_shape_raises_and_explicit_branches_work():
     torch.testing.assert_close(model(x), reference, rtol=0, atol=1e-12)
     apply_branch_scaling(model, beta=0.0)  # now every block is the identity: the output is head(embed(x))
     torch.testing.assert_close(model(x), model.head(model.embed(x)), rtol=0, atol=0)
+
+
+class SquaredGainNorm(nn.Module):
+    """A norm whose output is not proportional to its weight (gain weight²): no weight rescaling absorbs 1/β."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, h):
+        return nn.functional.rms_norm(h, h.shape[-1:]) * self.weight**2
+
+
+class SandwichToyBlock(ToyBlock):
+    def __init__(self, width: int, post_norm: nn.Module):
+        super().__init__(width)
+        self.post = post_norm
+
+    def forward(self, h):
+        return h + self.post(self.proj(torch.relu(self.fc(self.norm(h)))))
+
+
+def sandwich_toy(post_norm) -> Toy:
+    torch.manual_seed(0)
+    model = Toy()
+    model.blocks = nn.ModuleList(SandwichToyBlock(8, post_norm(8)) for _ in range(3))
+    with torch.no_grad():
+        for block in model.blocks:
+            for param in block.post.parameters():
+                param.normal_(1.0, 0.3)  # a LayerNorm's bias too, so a bias missing its 1/β shows
+    return model.double()
+
+
+def test_post_branch_layer_norm_with_bias_absorbs_one_over_beta():
+    model = sandwich_toy(nn.LayerNorm)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    reference = model(x)
+    weight, bias = model.blocks[1].post.weight.clone(), model.blocks[1].post.bias.clone()
+    apply_branch_scaling(model, beta=0.25, preserve_function=True, branches=["post"])
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=1e-12)
+    assert torch.equal(model.blocks[1].post.weight, weight * 4.0) and torch.equal(
+        model.blocks[1].post.bias, bias * 4.0
+    )
+    apply_branch_scaling(model, beta=0.0)
+    torch.testing.assert_close(model(x), model.head(model.embed(x)), rtol=0, atol=0)
+
+
+def test_norm_whose_output_is_not_proportional_to_its_gain_is_refused():
+    model = sandwich_toy(SquaredGainNorm)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="neither to weight nor to 1 \\+ weight"):
+        apply_branch_scaling(model, beta=0.5, preserve_function=True, branches=["post"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert get_branch_scaling(model) is None
+    apply_branch_scaling(model, beta=0.5, branches=["post"])  # the fresh mode needs no absorption
 
 
 def test_unverified_family_warns_with_what_it_found():
