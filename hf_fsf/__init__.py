@@ -2,13 +2,16 @@
 
 import importlib
 
-from hf_fsf.layout import BlockLayout, find_blocks
-from hf_fsf.probe import BlockStats, FeatureSpeedProbe, StepStats
-
 __version__ = "0.1.0"
 
-# Names that need transformers (or are heavier) are imported on first use, so the core needs only torch.
+# Every name is imported on first use: the core needs only torch, names from callback.py need transformers, and
+# `hf-fsf COMMAND --help` (hf_fsf/cli.py) answers without loading either.
 _LAZY = {
+    "BlockLayout": "hf_fsf.layout",
+    "find_blocks": "hf_fsf.layout",
+    "BlockStats": "hf_fsf.probe",
+    "FeatureSpeedProbe": "hf_fsf.probe",
+    "StepStats": "hf_fsf.probe",
     "FeatureSpeedCallback": "hf_fsf.callback",
     "apply_branch_scaling": "hf_fsf.residual",
     "get_branch_scaling": "hf_fsf.residual",
@@ -20,10 +23,15 @@ _LAZY = {
     "get_output_scale": "hf_fsf.output_scale",
 }
 
-__all__ = ["BlockLayout", "BlockStats", "FeatureSpeedProbe", "StepStats", "find_blocks", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    try:  # `hf_fsf.probe` and the other modules stay reachable as attributes after `import hf_fsf`
+        return importlib.import_module(f"hf_fsf.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"hf_fsf.{name}":
+            raise
     raise AttributeError(f"module 'hf_fsf' has no attribute {name!r}")

@@ -27,6 +27,14 @@ import sys
 import warnings
 
 from torch import nn
+
+try:
+    import transformers  # noqa: F401  (the Trainer's callback API below)
+except ImportError as err:
+    raise ImportError(
+        'hf_fsf.callback needs transformers: pip install "hf_fsf[hf]" (the probe, branch scaling and FSC '
+        "optimizer work without it)."
+    ) from err
 from transformers import TrainerCallback
 from transformers import __version__ as transformers_version
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback

@@ -36,15 +36,13 @@ import torch
 from torch import nn
 
 from hf_fsf.distributed import cuda_rng_devices
+from hf_fsf.stats import HEAD, STEM  # the names of the groups around the chain (stats.py: no torch there)
 
 HOW_TO_PASS_BLOCKS = (
     "Pass the blocks explicitly, e.g. FeatureSpeedProbe(model, blocks=['layers.0', 'layers.1', ...]) "
     "(names as in model.named_modules()) or blocks=[module, ...], in the order the forward pass runs them; "
     "or name the block list: blocks='model.layers' (or blocks='encoder' / 'decoder' for an encoder-decoder)."
 )
-
-# The names of the two groups around the chain; every block's group is named by its module name.
-STEM, HEAD = "stem", "head"
 
 
 @dataclass

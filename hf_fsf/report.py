@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_fsf.layout import HEAD, STEM
-from hf_fsf.stats import BLOCK_FIELDS, StepStats
+from hf_fsf.stats import BLOCK_FIELDS, HEAD, STEM, StepStats  # torch-free: `hf-fsf report --help` stays fast
 from hf_fsf.stats import STATS_FILE as STATS_FILENAME
 
 # Quantities averaged in the summary tables: (key, column title).

@@ -6,6 +6,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
+# The names of the two groups around the chain; every block's group is named by its module name.
+STEM, HEAD = "stem", "head"
+
 # The file a training run writes, one StepStats.to_record() per line (callback), read by the report.
 STATS_FILE = "fsf_stats.jsonl"
 

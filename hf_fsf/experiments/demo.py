@@ -14,21 +14,21 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from transformers import Trainer, TrainingArguments
-
-from hf_fsf.callback import FeatureSpeedCallback
-from hf_fsf.control import FSCOptimizer
-from hf_fsf.data import load_text_dataset
-from hf_fsf.models import small_gpt2
-from hf_fsf.report import write_report
-from hf_fsf.residual import apply_branch_scaling
+# torch, transformers and what imports them are imported where used: `hf-fsf demo --help` loads neither.
 
 # run name -> (branch scale β or None, FSC control on)
 RUNS = {"standard": (None, False), "beta_1_sqrt_L": ("1/sqrt(L)", False), "fsc_1_sqrt_L": ("1/sqrt(L)", True)}
 
 
 def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, splits, out: Path) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from hf_fsf.callback import FeatureSpeedCallback
+    from hf_fsf.control import FSCOptimizer
+    from hf_fsf.models import small_gpt2
+    from hf_fsf.residual import apply_branch_scaling
+
     model = small_gpt2(args.layers, args.width, block_size=args.block_size, dropout=0.1, seed=args.seed)
     if beta is not None:
         apply_branch_scaling(model, beta=beta)
@@ -92,22 +92,26 @@ def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, 
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-fsf demo", description=__doc__)
-    parser.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
+    parser = argparse.ArgumentParser(
+        prog="hf-fsf demo", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--out", default="reports/demo", help="report folder")
     parser.add_argument(
         "--dataset", default="stdlib", help="'stdlib', local text files / glob, or a cached `datasets` name"
     )
     # 3 runs × 100 steps keep the demo within ~5 min on 2 cores.
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--angle-every", type=int, default=10)
-    parser.add_argument("--max-bytes", type=int, default=3_000_000)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--layers", type=int, default=4, help="GPT-2 blocks")
+    parser.add_argument("--width", type=int, default=128, help="GPT-2 hidden size")
+    parser.add_argument("--block-size", type=int, default=128, help="bytes per training sequence")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up + cosine)")
+    parser.add_argument("--angle-every", type=int, default=10, help="measure the angle every N steps")
+    parser.add_argument(
+        "--max-bytes", type=int, default=3_000_000, help="bytes of the corpus to read at most"
+    )
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks to evaluate on")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout")
     parser.add_argument(
         "--fsc-rate",
         type=float,
@@ -116,6 +120,11 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     args = parser.parse_args(argv)
+    import torch
+
+    from hf_fsf.data import load_text_dataset
+    from hf_fsf.report import write_report
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_text_dataset(args.dataset, block_size=args.block_size, max_bytes=args.max_bytes)
