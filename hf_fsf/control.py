@@ -8,7 +8,7 @@
 Every name of the FSC API that user code imports from `hf_fsf.control` is importable from here.
 """
 
-from hf_fsf.fsc import BALANCES, FSCOptimizer, FSCOptimizerFactory, FSCStepRecord, GroupStep
+from hf_fsf.fsc import BALANCES, TIED_GROUP, FSCOptimizer, FSCOptimizerFactory, FSCStepRecord, GroupStep
 from hf_fsf.layout import HEAD, STEM
 from hf_fsf.output_scale import (
     CONFIG_KEY,
@@ -22,8 +22,6 @@ from hf_fsf.output_scale import (
     measure_output_kappa,
     set_output_scale,
 )
-
-TIED_GROUP = STEM  # tied stem/head parameters (tied embeddings) are optimized in the stem group
 
 __all__ = [
     "BALANCES",

@@ -16,18 +16,38 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from hf_fsf.fsc_trainer import attach_loss_route, calling_trainer, trainer_base_settings, trainer_rate
 from hf_fsf.layout import HEAD, STEM, BlocksArg, find_blocks, unwrap_model
 from hf_fsf.step_loss import LossCapture, StepLossTracker
 
 BALANCES = ("blocks", "stages")
-_TRUNK = "trunk"  # balance="stages": every block group belongs to the trunk stage
+DEFAULT_RATE = 0.01
+DEFAULT_BASE_DEPTH = (
+    4  # balance="stages": the depth at which the stage shares are the paper's per-block shares
+)
+TIED_GROUP = HEAD  # a parameter tied between stem and head (tied embeddings) is the readout: the head group's
+
+# Error feedback (ema_beta > 0): a group's target this step is its share plus what it fell short of before, between
+# 0 and _CATCH_UP × its share; the shortfall carried over is bounded the same way (no wind-up).
+_CATCH_UP = 3.0
+# Trust region: the realized loss decrease over the recent steps against the first-order decrease they targeted
+# (sums decayed by _TRUST_DECAY per step). Below _SHRINK_BELOW of it, beyond the loss noise, the trust factor that
+# multiplies every target shrinks to the step the quadratic model of the loss along the step prefers,
+# 1 / (2 (1 − ratio)) of it (at least _MIN_SHRINK); above _GROW_ABOVE it grows back by _GROWTH per step up to 1.
+_TRUST_DECAY = 0.8
+_SHRINK_BELOW = 0.25
+_GROW_ABOVE = 0.5
+_MIN_SHRINK = 0.1
+_GROWTH = 1.05
+_NOISE_SIGMAS = 2.0
 
 
 @dataclass
@@ -41,10 +61,11 @@ class GroupStep:
     contribution: float  # s_g × u_g: the first-order loss decrease actually applied
     active: bool  # False: zero/non-descent base update, excluded from the count, not moved (scale 0)
     clipped: bool  # True when max_scale bounded the scale
+    share: float  # the group's share of the step's target, before error feedback
 
 
 # The rows of FSCStepRecord's device tensor, in GroupStep's field order.
-_ROWS = ("unit", "smoothed", "target", "scale", "contribution", "active", "clipped")
+_ROWS = ("unit", "smoothed", "target", "scale", "contribution", "active", "clipped", "share")
 
 
 @dataclass(eq=False)  # compared by identity: the values are a tensor
@@ -58,6 +79,7 @@ class FSCStepRecord:
     step: int
     loss: float | None
     skipped: str | None = None
+    trust: float = 1.0  # the trust region's factor on every target this step (1: the full rate)
     names: list[str] = field(default_factory=list, repr=False)
     values: torch.Tensor | None = field(default=None, repr=False)  # (len(_ROWS), len(names)), float64
     _groups: dict[str, GroupStep] | None = field(default=None, repr=False)
@@ -79,6 +101,7 @@ class FSCStepRecord:
                         rows["contribution"][i],
                         active,
                         rows["clipped"][i] > 0,
+                        rows["share"][i],
                     )
         return self._groups
 
@@ -123,20 +146,31 @@ def _model_and_options(
 
 
 def _check_settings(
-    rate: float,
+    rate: float | None,
     target: str,
     balance: str,
+    base_depth: int | None,
     ema_beta: float,
     max_scale: float | None,
     warmup_steps: int,
     base_kwargs: Mapping[str, Any],
 ) -> None:
-    if not math.isfinite(rate) or rate < 0:
+    if rate is not None and (not math.isfinite(rate) or rate < 0):
         raise ValueError(f"FSCOptimizer: rate must be a finite number >= 0, got {rate}.")
     if target not in ("loss", "absolute"):
         raise ValueError(f"FSCOptimizer: target must be 'loss' or 'absolute', got {target!r}.")
     if balance not in BALANCES:
         raise ValueError(f"FSCOptimizer: balance must be one of {BALANCES}, got {balance!r}.")
+    if base_depth is not None:
+        if balance != "stages":
+            raise ValueError(
+                "FSCOptimizer: base_depth sets the stage shares of balance='stages'; balance='blocks' gives every "
+                "group the same share at any depth. Drop base_depth or use balance='stages'."
+            )
+        if isinstance(base_depth, bool) or not isinstance(base_depth, int) or base_depth < 1:
+            raise ValueError(
+                f"FSCOptimizer: base_depth must be an integer >= 1 (a number of blocks), got {base_depth!r}."
+            )
     if not 0.0 <= ema_beta < 1.0:
         raise ValueError(f"FSCOptimizer: ema_beta must be in [0, 1) (0 = no smoothing), got {ema_beta}.")
     if max_scale is not None and not max_scale > 0:
@@ -152,13 +186,16 @@ def _check_settings(
 def _fsc_groups(
     model: nn.Module, blocks: BlocksArg, options: list[tuple[list, dict]] | None
 ) -> list[tuple[str, list[nn.Parameter]]]:
-    """[(group name, trainable parameters)] in chain order, tied parameters in the stem, empty groups dropped.
+    """[(group name, trainable parameters)] in chain order, tied parameters in the head, empty groups dropped.
 
     With `options` (parameters handed over by the caller) only those parameters are kept.
     """
     wanted = None if options is None else {id(p) for ps, _ in options for p in ps}
+    by_name = find_blocks(model, blocks).parameter_groups(tied="own")
+    tied = [p for name in list(by_name) if name.startswith("tied:") for p in by_name.pop(name)]
+    by_name[HEAD] = by_name.pop(HEAD) + tied  # the readout weight, also read by the stem's lookup
     groups = []
-    for name, params in find_blocks(model, blocks).parameter_groups(tied="stem").items():
+    for name, params in by_name.items():
         kept = [p for p in params if p.requires_grad and (wanted is None or id(p) in wanted)]
         if kept:
             groups.append((name, kept))
@@ -182,14 +219,99 @@ def _base_param_groups(
     return base_groups
 
 
+def _zero_readout(model: nn.Module, head: list[nn.Parameter]) -> None:
+    """zero_init_head: the readout's weight to 0, refused when it is not a head parameter or is tied."""
+    from hf_fsf.output_scale import find_readout  # output_scale builds on this module
+
+    name, readout = find_readout(model)
+    weight = getattr(readout, "weight", None)
+    if not isinstance(weight, nn.Parameter) or all(weight is not p for p in head):
+        raise ValueError(
+            f"FSCOptimizer: zero_init_head needs a trainable readout weight in the head group; {name!r} has none."
+        )
+    if any(weight is t.param for t in find_blocks(model).tied):
+        raise ValueError(
+            f"FSCOptimizer: zero_init_head would zero {name!r}.weight, which is tied to the input embedding (the "
+            "input would be 0 too). Untie the embeddings (tie_word_embeddings=False) or drop zero_init_head."
+        )
+    with torch.no_grad():
+        weight.zero_()
+
+
+@dataclass
+class _TrustRegion:
+    """The trust factor τ on every target, from the realized loss changes against the targeted decreases.
+
+    Host-side: it sees the loss and the previous step's targeted decrease when the step reads them (the step's one
+    host sync), and decides this step's τ before the step is taken.
+    """
+
+    factor: float = 1.0
+    realized: float = 0.0  # decayed sum of L_{k-1} − L_k since the last back-off
+    predicted: float = 0.0  # decayed sum of the first-order decreases those steps applied
+    count: int = 0  # observations in the sums
+    # The loss's noise: the variance of one loss value, from second differences of the loss (which a steady trend
+    # does not inflate: var(L_k − 2 L_{k-1} + L_{k-2}) = 6σ² for independent noise), a running mean over ~10.
+    noise: float = 0.0
+    seen: int = 0  # second differences in `noise`
+    previous_loss: float | None = None
+    previous_realized: float | None = None
+    warned: bool = False
+
+    def observe(self, loss: float, predicted: float | None) -> float | None:
+        """One step's loss, and the first-order decrease the previous step applied; returns the shrink factor
+        when the region backs off (None otherwise)."""
+        previous, self.previous_loss = self.previous_loss, loss
+        if previous is None or predicted is None or not predicted > 0:
+            self.previous_realized = None
+            return None
+        realized = previous - loss
+        if self.previous_realized is not None:
+            self.seen += 1
+            self.noise += ((realized - self.previous_realized) ** 2 / 6.0 - self.noise) / min(self.seen, 10)
+        self.previous_realized = realized
+        self.realized = _TRUST_DECAY * self.realized + realized
+        self.predicted = _TRUST_DECAY * self.predicted + predicted
+        self.count += 1
+        # The realized decrease given the benefit of the loss noise: a back-off needs evidence beyond it.
+        ratio = (self.realized + _NOISE_SIGMAS * math.sqrt(self.noise)) / self.predicted
+        if self.count >= 2 and self.seen >= 1 and ratio < _SHRINK_BELOW:
+            shrink = max(_MIN_SHRINK, 1.0 / (2.0 * (1.0 - ratio)))
+            self.factor *= shrink
+            self.realized, self.predicted, self.count = 0.0, 0.0, 0
+            return shrink
+        if self.realized / self.predicted > _GROW_ABOVE:
+            self.factor = min(1.0, self.factor * _GROWTH)
+        return None
+
+
 class FSCOptimizer(torch.optim.Optimizer):
     """Balanced per-block step sizes on top of any torch optimizer (PAPER.md §6, rule C).
 
     Each step: the base optimizer takes its own step; for every group g (stem, each block, head) FSC measures the
     applied update δw_g and its first-order loss decrease u_g = −⟨∇_g loss, δw_g⟩, then moves the group to
-    w_before + s_g·δw_g with s_g = t_g / u_g, where the group targets t_g = lr_g · loss / n are equal
-    (balanced contributions, BC) and add up to `rate` × loss (loss decay, LD); n counts the *active* groups.
-    (balance="stages" splits the target in three equal parts instead, stem / all blocks / head; see below.)
+    w_before + s_g·δw_g with s_g = t_g / û_g (û_g: u_g, or its smoothed estimate), so that each group decreases the
+    loss by its target t_g to first order. The targets add up to the step's target T = τ · lr · loss
+    (target="loss"; τ · lr for target="absolute"; lr is `rate`, scaled by LR schedulers; τ ≤ 1 the trust factor).
+
+    The rule (what the defaults do):
+      - Shares, balance="stages" (default): the stem, the trunk (all blocks) and the head get the shares
+        1 : n₀ : 1 of T, n₀ = `base_depth` (default 4), i.e. the paper's per-block shares at depth n₀, held fixed at
+        every depth; the trunk's share is split equally over its blocks. balance="blocks" (the paper's rule C,
+        Eq. 8): every group gets T/n for n groups, so the stem and head get 1/(n+2) of T at n blocks. Groups
+        without a descent step (u_g ≤ 0, e.g. no gradient) are inactive: not moved, their share goes to the
+        others (within the trunk to its other blocks; a stage with no active group drops out).
+      - Error feedback (ema_beta > 0, default 0.9): û_g lags u_g, so t_g = share_g·T plus what the group fell short
+        of its shares before (bounded: 0 ≤ t_g ≤ 3·share_g·T), and contributions summed over a few steps keep
+        their shares. ema_beta=0: t_g = share_g·T and û_g = u_g, exact at every step.
+      - Trust region (trust_region=True): each step's loss is compared with the previous one; when the loss fell
+        by less than a quarter of the first-order decrease the recent steps targeted (decayed sums, beyond the
+        step-to-step loss noise), or rose, τ shrinks to 1/(2(1 − realized/targeted)) of itself (the step a
+        quadratic loss along the step prefers; ≥ 0.1×), then grows back by 5 % per step while the loss falls by
+        more than half the target. A warning says when it first backs off; `last_step.trust` is τ.
+      - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the head group:
+        the head stage is the readout path (the tied weight and what follows the blocks, e.g. the final norm), the
+        stem what only the input reads (e.g. position embeddings).
 
     Why measure instead of computing the direction in closed form: the measured δw is, by definition, what the base
     would do with its current state (momentum, Adam moments, Adafactor factors, weight decay, clipping inside the
@@ -204,82 +326,83 @@ class FSCOptimizer(torch.optim.Optimizer):
         options, e.g. weight_decay, are passed on to the base; FSC's grouping still comes from the model).
       base: an optimizer class or any callable(param_groups, **base_kwargs) -> Optimizer. Its own lr sets the
         reference step that `max_scale` bounds; the direction does not depend on it for the usual bases.
-      rate: FSC's learning rate, stored as every group's "lr" (so LR schedulers scale it): the target
-        first-order loss decrease per step is lr × loss (target="loss") or lr (target="absolute").
+      rate: FSC's learning rate (default 0.01), stored as every group's "lr" (so LR schedulers scale it): the
+        target first-order loss decrease per step is lr × loss (target="loss") or lr (target="absolute").
       blocks: as for `hf_fsf.find_blocks`: None (auto-detect), block names or modules, or a BlockLayout (find the
-        layout once and pass it to every consumer); the groups are its `parameter_groups(tied="stem")`.
-      balance: how the target is split. "blocks" (default, the paper's rule C): every active group (stem, each
-        block, head) gets the same share, target/n. "stages": the stem, the trunk (all blocks together) and the
-        head each get the same share, and the trunk's share is split equally over its blocks; so the stem and
-        head keep a depth-independent share, as under depth-μP, instead of 1/(n+2) each for n blocks. On the
-        transfer benchmark's teacher ResNet (recipes/transfer.py, docs/transfer.md) the best held-out loss
-        degrades with depth under "blocks" and not under "stages", whose optimal rate is the same at depths 4-64.
-        Caveat: a head that is only a final norm (GPT-2 with tied embeddings) then gets a third of the target on
-        its own.
+        layout once and pass it to every consumer).
+      balance, base_depth: the shares, above. base_depth only with balance="stages" (None: 4).
       ema_beta: smoothing of u_g across steps (0 = off: exact balance at every step). The scale uses the
-        bias-corrected EMA of u_g, so the applied contribution is t_g × u_g/EMA(u_g): balanced on average. On by
-        default: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), so a batch
-        whose u_g happens to be small gets a very large step.
+        bias-corrected EMA of u_g: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early
+        steps), so a batch whose u_g happens to be small gets a very large step.
       max_scale: bound on s_g, i.e. on the FSC step relative to the base optimizer's own step (None = off, the
-        default, since its meaning depends on the base lr). With a base lr you would train with, e.g. 10 is a
-        safety net against such outsized steps; a bounded group is flagged `clipped` and then contributes less
-        than its target (the shortfall is not moved to other groups).
+        default, since its meaning depends on the base lr). A bounded group is flagged `clipped` and contributes
+        less than its target (the shortfall is not moved to other groups, nor carried over).
       warmup_steps: the target ramps linearly from 1/warmup_steps to 1 over the first steps (0 = off, the
         default; an LR scheduler with warm-up does the same through lr).
+      trust_region: the loss-driven back-off above (needs the loss: target="loss", or losses passed).
+      zero_init_head: zero the readout weight at construction (the paper's App. B variant: the network's output is
+        0 at init). Until the readout moves, nothing upstream has a gradient, so on the first step only the head is
+        active: it gets its own share of T through its base step (s_head = t_head/u_head), not the whole of T.
+        Refused for a readout tied to the input embedding (zeroing it would zero the input).
       capture_loss: register a forward hook on the model that records `output.loss` of training forwards (HF
-        models), so that step() needs no argument inside the Trainer.
-      zero_init_head: set the head's parameters to zero now (the paper's App. B). No gradient then reaches the
-        other groups at the first step, so only the head moves and takes the whole target: its first-step rate is
-        the Polyak step rate × loss / ‖∇_head‖² for a plain SGD base. Every group is active from the second step.
+        models), so that step() needs no argument in a plain loop; the hook goes when the optimizer is closed or
+        garbage-collected.
 
-    Where the loss comes from, first available wins: step(closure) → step(loss=...) → the mean of the losses seen
-    since the last step (the hook or observe_loss) → the previous step's loss (with a warning). See
-    hf_fsf.step_loss for the Trainer's loss shares and data parallelism.
+    Where the loss comes from, first available wins: step(closure) → step(loss=...) → the losses seen since the
+    last step (the HF Trainer's back-propagated loss, or else the forward hook or observe_loss) → the previous
+    step's loss (with a warning). See hf_fsf.step_loss.
 
-    Groups: "stem" (parameters before the blocks, plus tied stem/head parameters, whose gradient then carries both
-    paths), one group per block named by its module name, "head". A group is *inactive* for a step, excluded from
-    n and left where it was (scale 0), when its base update does not decrease the loss to first order (u_g ≤ 0),
-    which covers zero gradients; frozen parameters (requires_grad=False) are in no group. A step whose loss or
-    gradients are not finite is skipped with a warning: no parameter and no base or FSC state changes.
+    Inside the HF Trainer (`trainer_args`, `FSCOptimizerFactory`): TrainingArguments map onto FSC as
+    hf_fsf.fsc_trainer says (learning_rate → rate, the scheduled rate that the Trainer logs as `learning_rate`;
+    adam_beta1/2, adam_epsilon, weight_decay → the base, with the Trainer's no-decay parameters), and the step's
+    loss is the one the Trainer back-propagates (label smoothing and compute_loss_func included).
+
+    A step whose loss or gradients are not finite is skipped with a warning: no parameter and no base or FSC state
+    changes. Frozen parameters (requires_grad=False) are in no group.
     """
 
     def __init__(
         self,
         model_or_params: nn.Module | Iterable,
         base: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
-        rate: float = 0.01,
+        rate: float | None = None,
         *,
         model: nn.Module | None = None,
         blocks: BlocksArg = None,
         target: Literal["loss", "absolute"] = "loss",
-        balance: Literal["blocks", "stages"] = "blocks",
+        balance: Literal["blocks", "stages"] = "stages",
+        base_depth: int | None = None,
         ema_beta: float = 0.9,
         max_scale: float | None = None,
         warmup_steps: int = 0,
-        capture_loss: bool = True,
+        trust_region: bool = True,
         zero_init_head: bool = False,
+        capture_loss: bool = True,
         **base_kwargs: Any,
     ) -> None:
-        _check_settings(rate, target, balance, ema_beta, max_scale, warmup_steps, base_kwargs)
+        _check_settings(rate, target, balance, base_depth, ema_beta, max_scale, warmup_steps, base_kwargs)
         model, options = _model_and_options(model_or_params, model)
+        trainer = calling_trainer()  # built by the HF Trainer: TrainingArguments fill in what is not given
+        if trainer is not None and options is None:
+            rate = trainer_rate(trainer.args, rate, DEFAULT_RATE)
+            base_kwargs, options = trainer_base_settings(trainer, model, base, base_kwargs)
         groups = _fsc_groups(model, blocks, options)
-        if zero_init_head:
-            head = dict(groups).get(HEAD)
-            if not head:
-                raise ValueError(
-                    "FSCOptimizer: zero_init_head=True but the model has no trainable head parameter (a readout "
-                    "tied to the input embeddings is in the stem); untie it or leave zero_init_head off."
-                )
-            with torch.no_grad():
-                torch._foreach_zero_(head)
         self.target_mode = target
         self.balance = balance
+        self.base_depth = (base_depth or DEFAULT_BASE_DEPTH) if balance == "stages" else None
         self.ema_beta = float(ema_beta)
         self.max_scale = None if max_scale is None else float(max_scale)
         self.warmup_steps = int(warmup_steps)
+        self.trust_region = bool(trust_region)
+        self.zero_init_head = bool(zero_init_head)
         self.group_names = [n for n, _ in groups]
+        if zero_init_head:
+            _zero_readout(model, [p for n, ps in groups if n == HEAD for p in ps])
         self._building = True
-        super().__init__([{"params": ps, "name": n} for n, ps in groups], {"lr": float(rate)})
+        super().__init__(
+            [{"params": ps, "name": n} for n, ps in groups],
+            {"lr": float(DEFAULT_RATE if rate is None else rate)},
+        )
         self._building = False
 
         self.base = base(_base_param_groups(groups, options), **base_kwargs)
@@ -288,14 +411,22 @@ class FSCOptimizer(torch.optim.Optimizer):
                 f"FSCOptimizer: base must build a torch.optim.Optimizer, got {type(self.base).__name__}."
             )
         self.fsc_state: dict[str, Any] = {"step": 0, "skipped": 0, "last_loss": None}
-        # Per group: the EMA of u_g and how many steps it averages (a row each), float64 on the device.
+        # Per group: the EMA of u_g and how many steps it averages (a row each), and the shortfall carried over,
+        # float64 on the device.
         self._ema: torch.Tensor | None = None
-        self._stages: torch.Tensor | None = None  # balance="stages": (stem, trunk, head) x groups, one-hot
+        self._debt: torch.Tensor | None = None
+        self._stages: tuple[torch.Tensor, torch.Tensor] | None = None  # (stage x group one-hot, stage shares)
+        self.trust = _TrustRegion()
+        self._predicted: torch.Tensor | None = (
+            None  # the last step's applied first-order decrease, on the device
+        )
         self.last_step: FSCStepRecord | None = None
         self.loss_tracker = StepLossTracker()
         self._warned_stale = False
         capture = LossCapture(self.loss_tracker, model)
         self._hook = model.register_forward_hook(capture, with_kwargs=True) if capture_loss else None
+        # A dropped optimizer takes its hook with it (close() does it at once).
+        self._hook_finalizer = weakref.finalize(self, self._hook.remove) if self._hook is not None else None
 
     # -- Trainer integration ---------------------------------------------------------------------------------
 
@@ -305,8 +436,16 @@ class FSCOptimizer(torch.optim.Optimizer):
 
         The Trainer pops "model" from the kwargs and calls FSCOptimizer(model, **rest) (the path it has for
         optimizers that need the model), so this works in every Trainer version that has optimizer_cls_and_kwargs.
+        TrainingArguments fill in the settings not given here (see the class docstring and hf_fsf.fsc_trainer).
         """
         return cls, {"model": model, **kwargs}
+
+    def train(self) -> None:
+        """Called by the HF Trainer at the start of every training step (its hook for schedule-free optimizers):
+        from then on this step's loss is the one the Trainer back-propagates. Outside a Trainer: nothing."""
+        trainer = calling_trainer()
+        if trainer is not None:
+            attach_loss_route(trainer, self.loss_tracker)
 
     # -- the loss ----------------------------------------------------------------------------------------------
 
@@ -353,7 +492,7 @@ class FSCOptimizer(torch.optim.Optimizer):
             loss = closure_loss
         step_loss = self._step_loss(loss)
         segments = self._segments()
-        loss_value, finite = self._read_loss_and_finiteness(step_loss, segments)
+        loss_value, finite, predicted = self._read_step_inputs(step_loss, segments)
         if self.target_mode == "loss" and loss_value is not None and loss_value < 0:
             raise ValueError(
                 f"FSCOptimizer: loss {loss_value} < 0, so rate x loss is not a loss decrease. Use target='absolute'."
@@ -368,8 +507,24 @@ class FSCOptimizer(torch.optim.Optimizer):
             }
             self._skip(loss_value, f"non-finite gradients in {sorted(bad)}")
         else:
+            if self.trust_region and isinstance(
+                step_loss, torch.Tensor
+            ):  # a fresh loss: the last step's outcome
+                self._back_off(self.trust.observe(loss_value, predicted), loss_value)
             self._rescaled_base_step(segments, loss_value)
         return closure_loss
+
+    def _back_off(self, shrink: float | None, loss: float) -> None:
+        if shrink is None or self.trust.warned:
+            return
+        self.trust.warned = True
+        warnings.warn(
+            f"FSCOptimizer: backing off (trust factor x{shrink:.2f}, now {self.trust.factor:.3g}) at step "
+            f"{self.fsc_state['step'] + 1}: the loss ({loss:.4g}) fell by much less than the first-order decrease "
+            "the last steps targeted, or rose. The rate is too high for this model and base; FSC keeps backing "
+            "off and growing back as the loss allows (last_step.trust). Warned once; a lower rate= avoids it.",
+            stacklevel=3,
+        )
 
     def _segments(self) -> list[_Segment]:
         """The parameters that have a gradient, by group and then by (device, dtype)."""
@@ -389,11 +544,12 @@ class FSCOptimizer(torch.optim.Optimizer):
             segments += by_kind.values()
         return segments
 
-    def _read_loss_and_finiteness(
+    def _read_step_inputs(
         self, loss: torch.Tensor | float | None, segments: list[_Segment]
-    ) -> tuple[float | None, bool]:
-        """The step's loss and whether every gradient is finite, read from the device together: the step's one
-        host sync (the base must not step on non-finite gradients, so this is read before it steps)."""
+    ) -> tuple[float | None, bool, float | None]:
+        """The step's loss, whether every gradient is finite, and the first-order decrease the previous step
+        applied (for the trust region), read from the device together: the step's one host sync (the base must
+        not step on non-finite gradients, so this is read before it steps)."""
         parts = []
         if segments:
             grads = [g for s in segments for g in s.grads]
@@ -405,9 +561,13 @@ class FSCOptimizer(torch.optim.Optimizer):
             parts.append(torch.stack(maxima).isfinite().all().to(torch.float64))
         if isinstance(loss, torch.Tensor):
             parts.append(loss.to(parts[0].device if parts else loss.device, torch.float64))
+        predicted = self._predicted if self.trust_region and parts else None
+        if predicted is not None:
+            parts.append(predicted.to(parts[0].device))
         values = torch.stack(parts).tolist() if parts else []
         finite = bool(values[0]) if segments else True
-        return (values[-1] if isinstance(loss, torch.Tensor) else loss), finite
+        loss_value = values[1 if segments else 0] if isinstance(loss, torch.Tensor) else loss
+        return loss_value, finite, (values[-1] if predicted is not None else None)
 
     def _skip(self, loss: float | None, reason: str) -> None:
         warnings.warn(
@@ -477,36 +637,76 @@ class FSCOptimizer(torch.optim.Optimizer):
         smoothed = self._smooth(unit, active)
         k = self.fsc_state["step"]
         warm = min(1.0, k / self.warmup_steps) if self.warmup_steps else 1.0
-        total = (loss_value if self.target_mode == "loss" else 1.0) * warm
+        total = (loss_value if self.target_mode == "loss" else 1.0) * warm * self.trust.factor
         lrs = [group["lr"] * total for group in self.param_groups]
         if len(set(lrs)) == 1:
             budget = lrs[0]  # the usual case: no per-group lr, no copy to the device
         else:
             budget = torch.tensor(lrs, dtype=torch.float64).to(unit.device, non_blocking=True)
-        target = self._fractions(active) * budget
+        # zero_init_head: the first step moves only the head, by its own share (upstream has no gradient yet).
+        share = self._fractions(active, renormalize=not (self.zero_init_head and k == 1)) * budget
+        feedback = self.ema_beta > 0.0
+        if feedback:
+            if self._debt is None:
+                self._debt = torch.zeros(len(self.param_groups), dtype=torch.float64, device=unit.device)
+            debt = self._debt.to(unit.device)
+            target = torch.minimum((share + debt).clamp(min=0.0), _CATCH_UP * share)
+        else:
+            target = share
         scale = torch.where(active, target / smoothed, 0.0)
         clipped = (
             active & (scale > self.max_scale) if self.max_scale is not None else torch.zeros_like(active)
         )
         if self.max_scale is not None:
             scale = torch.where(clipped, self.max_scale, scale)
-        rows = [unit, smoothed, target, scale, scale * unit, active, clipped]
+        contribution = torch.where(active, scale * unit, 0.0)
+        if feedback:
+            carried = torch.minimum(
+                (debt + share - contribution).clamp(min=-share), (_CATCH_UP - 1.0) * share
+            )
+            self._debt = torch.where(active & ~clipped, carried, debt)
+        self._predicted = contribution.sum()
+        rows = [unit, smoothed, target, scale, contribution, active, clipped, share]
         values = torch.stack([r.to(torch.float64) for r in rows])
-        self.last_step = FSCStepRecord(k, loss_value, names=self.group_names, values=values)
+        self.last_step = FSCStepRecord(
+            k, loss_value, names=self.group_names, values=values, trust=self.trust.factor
+        )
         return scale
 
-    def _fractions(self, active: torch.Tensor) -> torch.Tensor:
-        """Each group's fraction of the target (0 for inactive groups; the active ones add up to 1)."""
-        count = active.to(torch.float64)
+    def _fractions(self, active: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+        """Each group's fraction of the target (0 for inactive groups; the active ones add up to 1, or with
+        renormalize=False to their own shares: an inactive group's share goes to no one)."""
+        if self._stages is None or self._stages[0].device != active.device:
+            self._stages = tuple(t.to(active.device) for t in self._stage_shares())
+        onehot, stage_share = self._stages
+        per_stage = onehot @ active.to(torch.float64)  # active groups in each stage
+        if renormalize:
+            stage_share = (
+                stage_share * (per_stage > 0) / (stage_share * (per_stage > 0)).sum().clamp(min=1e-300)
+            )
+        else:
+            per_stage = onehot.sum(dim=1)  # every group of the stage, active or not
+        return torch.where(active, (stage_share / per_stage.clamp(min=1.0)) @ onehot, 0.0)
+
+    def _stage_shares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage x group one-hot, each stage's share): balance="stages": stem, trunk, head with 1 : n₀ : 1;
+        balance="blocks": every group a stage of its own, equal shares."""
         if self.balance == "blocks":
-            return count / count.sum().clamp(min=1.0)
-        if self._stages is None or self._stages.device != active.device:
-            stage = [name if name in (STEM, HEAD) else _TRUNK for name in self.group_names]
-            onehot = [[float(t == s) for t in stage] for s in (STEM, _TRUNK, HEAD)]
-            self._stages = torch.tensor(onehot, dtype=torch.float64).to(active.device)
-        per_stage = self._stages @ count  # active groups in each stage
-        n_stages = (per_stage > 0).sum()
-        return torch.where(active, 1.0 / (n_stages * (per_stage @ self._stages)), 0.0)
+            n = len(self.group_names)
+            return torch.eye(n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)
+        stage = [name if name in (STEM, HEAD) else "trunk" for name in self.group_names]
+        onehot = torch.tensor(
+            [[float(t == s) for t in stage] for s in (STEM, "trunk", HEAD)], dtype=torch.float64
+        )
+        n0 = float(self.base_depth)
+        return onehot, torch.tensor([1.0, n0, 1.0], dtype=torch.float64) / (n0 + 2.0)
+
+    @property
+    def group_shares(self) -> dict[str, float]:
+        """{group name: its share of the step's target when every group is active} (the balance rule's shares)."""
+        device = self._stages[0].device if self._stages is not None else None
+        fractions = self._fractions(torch.ones(len(self.group_names), dtype=torch.bool, device=device))
+        return dict(zip(self.group_names, fractions.tolist()))
 
     def _smooth(self, unit: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Bias-corrected EMA of each active group's u_g (u_g itself when ema_beta = 0)."""
@@ -555,6 +755,9 @@ class FSCOptimizer(torch.optim.Optimizer):
             for name, mean, count in zip(self.group_names, *self._ema.tolist()):
                 if count > 0:
                     fsc["ema"][name], fsc["ema_count"][name] = mean, int(count)
+        fsc["debt"] = dict(zip(self.group_names, self._debt.tolist())) if self._debt is not None else {}
+        fsc["trust"] = asdict(self.trust)
+        fsc["predicted"] = None if self._predicted is None else float(self._predicted)
         return {"state": {}, "param_groups": groups, "base": self.base.state_dict(), "fsc": fsc}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -579,13 +782,20 @@ class FSCOptimizer(torch.optim.Optimizer):
         }
         means = [float(fsc["ema"].get(n, 0.0)) for n in self.group_names]
         counts = [float(fsc["ema_count"].get(n, 0)) for n in self.group_names]
-        self._ema = torch.tensor([means, counts], dtype=torch.float64)  # moved to the device at the next step
+        # Moved to the device at the next step. State dicts from before error feedback and the trust region
+        # resume with neither carried over.
+        self._ema = torch.tensor([means, counts], dtype=torch.float64)
+        debt = fsc.get("debt") or {}
+        self._debt = torch.tensor([float(debt.get(n, 0.0)) for n in self.group_names], dtype=torch.float64)
+        self.trust = _TrustRegion(**fsc.get("trust", {}))
+        predicted = fsc.get("predicted")
+        self._predicted = None if predicted is None else torch.tensor(float(predicted), dtype=torch.float64)
 
     def close(self) -> None:
-        """Remove the loss-capture hook from the model."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the loss-capture hook from the model (garbage collection does it too)."""
+        if self._hook_finalizer is not None:
+            self._hook_finalizer()
+        self._hook = None
 
 
 class FSCOptimizerFactory:

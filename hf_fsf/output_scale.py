@@ -126,7 +126,14 @@ def default_probe_optimizer(model: nn.Module, blocks: BlocksArg = None) -> FSCOp
     """The calibration's probe step: the paper's setting, one small GD step with balanced per-block rates (exact
     balance, no stabilizers), decreasing the loss by 0.1% to first order."""
     return FSCOptimizer(
-        model, base=torch.optim.SGD, rate=1e-3, lr=1e-3, blocks=blocks, ema_beta=0.0, capture_loss=False
+        model,
+        base=torch.optim.SGD,
+        rate=1e-3,
+        lr=1e-3,
+        blocks=blocks,
+        balance="blocks",
+        ema_beta=0.0,
+        capture_loss=False,
     )
 
 

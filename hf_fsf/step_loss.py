@@ -1,8 +1,9 @@
 """Where an optimizer step's loss comes from: the loss FSCOptimizer's target `rate × loss` is taken of.
 
 Sources, first available wins: the closure's or `step(loss=...)`'s loss; the losses recorded since the last step
-(`observe`, or `LossCapture`, a forward hook that records `output.loss` of the model's training forwards, which is
-how FSCOptimizer works inside the HF Trainer without arguments). The Trainer complicates the last source twice:
+(`observe`, or `LossCapture`, a forward hook that records `output.loss` of the model's training forwards; inside the
+HF Trainer, `observe_backward`: the loss the Trainer back-propagates, whatever computed it). Without the Trainer's
+backward, the last source has two complications:
 
 - with `num_items_in_batch`, each micro-batch loss is a *share* of the step's mean (summed, not averaged), and a
   window of shares whose step never ran (fp16 overflow skips optimizer.step()) must not leak into the next step;
@@ -31,7 +32,23 @@ class StepLossTracker:
     def __init__(self) -> None:
         self._pending: list[torch.Tensor] = []
         self._shares = False
+        self._window: int | None = None
+        self.from_backward = False  # True once the Trainer's backward feeds the tracker: forwards are ignored
         self._clear_items()
+
+    def observe_backward(self, loss: torch.Tensor, window: int) -> None:
+        """Record a loss the HF Trainer back-propagates, of the step counted `window` (its global_step).
+
+        The Trainer back-propagates each micro-batch's part of the step's loss (a mean divided by the accumulation
+        steps, or a share of num_items_in_batch; under data parallelism scaled so that the ranks' mean is the
+        global one): the step's loss is their sum on a rank, the mean over ranks, what the Trainer logs. Parts of
+        an earlier window belong to a step that never reached step() (fp16 overflow) and are dropped.
+        """
+        if window != self._window:
+            self._pending.clear()
+            self._window = window
+        self.from_backward = True
+        self.observe(loss, share=True)
 
     def observe(self, loss: torch.Tensor | float, share: bool = False) -> None:
         """Record the loss of a forward pass that feeds the next step (once per micro-batch).
@@ -98,7 +115,8 @@ class StepLossTracker:
         counted every rank's tokens (the Trainer's default average_tokens_across_devices=True), else the mean
         (False: each rank's shares add up to its own mean). Which one is read off the count: a rank's own
         labelled tokens are never fewer than a count of its own, and fewer than a count over all ranks; without
-        labels the Trainer's default is assumed. Each rank votes; the vote travels with the loss.
+        labels the Trainer's default is assumed. Each rank votes; the vote travels with the loss. The Trainer's
+        backward parts (observe_backward) are already scaled by the Trainer: the mean.
         """
         items, labels, known = self._items, self._labels, self._labels_known
         self._clear_items()
@@ -108,7 +126,9 @@ class StepLossTracker:
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else value.device
         value = value.to(device)
-        if shares and known and items is not None:
+        if self.from_backward:  # the Trainer's backward parts: summed per rank, averaged over ranks
+            vote = torch.zeros((), device=device, dtype=torch.float64)
+        elif shares and known and items is not None:
             own = torch.as_tensor(items, device=device).double() <= torch.as_tensor(labels, device=device)
             vote = (~own).double()
         else:
@@ -134,6 +154,7 @@ class LossCapture:
         tracker = self.tracker()
         if (
             tracker is None
+            or tracker.from_backward
             or module is not self.model()
             or not module.training
             or not torch.is_grad_enabled()

@@ -79,7 +79,10 @@ def test_contributions_are_balanced_and_sum_to_rate_times_loss(base):
     cls, kwargs = {**BASES, **EXTRA_BASES}[base]
     model = _resnet()
     x, y = _data()
-    opt = FSCOptimizer(model, base=cls, rate=RATE, ema_beta=0.0, **kwargs)  # stabilizers off: exact balance
+    # stabilizers off: exact balance
+    opt = FSCOptimizer(
+        model, base=cls, rate=RATE, balance="blocks", ema_beta=0.0, trust_region=False, **kwargs
+    )
     assert opt.group_names == list(_groups_by_hand(model))
     for _ in range(3):  # later steps exercise the momentum / Adam state
         loss, contrib = _step_and_measure(model, opt, x, y)
@@ -92,31 +95,45 @@ def test_contributions_are_balanced_and_sum_to_rate_times_loss(base):
 
 
 @pytest.mark.parametrize("base", ["momentum", "adamw"])
-def test_stage_balance_gives_stem_trunk_and_head_a_third_each(base):
+@pytest.mark.parametrize("base_depth", [None, 1, 12])
+def test_stage_shares_are_the_per_block_shares_at_the_base_depth(base, base_depth):
+    """balance="stages" (the default): stem : trunk : head = 1 : n₀ : 1, the trunk split equally over its 5 blocks."""
     cls, kwargs = BASES[base]
     model = _resnet()
     x, y = _data()
-    opt = FSCOptimizer(model, base=cls, rate=RATE, balance="stages", ema_beta=0.0, **kwargs)
+    opt = FSCOptimizer(model, base=cls, rate=RATE, base_depth=base_depth, ema_beta=0.0, **kwargs)
+    n0 = 4 if base_depth is None else base_depth  # the documented default
     n_blocks = len(model.blocks)
-    for _ in range(2):
+    for _ in range(3):
         loss, contrib = _step_and_measure(model, opt, x, y)
-        third = RATE * loss / 3
-        assert contrib["stem"] == pytest.approx(third, rel=1e-6)
-        assert contrib["head"] == pytest.approx(third, rel=1e-6)
+        end = RATE * loss / (n0 + 2)
+        assert contrib["stem"] == pytest.approx(end, rel=1e-6)
+        assert contrib["head"] == pytest.approx(end, rel=1e-6)
         for i in range(n_blocks):
-            assert contrib[f"blocks.{i}"] == pytest.approx(third / n_blocks, rel=1e-6)
+            assert contrib[f"blocks.{i}"] == pytest.approx(n0 * end / n_blocks, rel=1e-6)
         assert sum(contrib.values()) == pytest.approx(RATE * loss, rel=1e-6)
 
 
-def test_unknown_balance_is_refused():
-    with pytest.raises(ValueError, match="balance must be one of"):
-        FSCOptimizer(_resnet(), balance="layers")
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"balance": "layers"}, "balance must be one of"),
+        ({"base_depth": 0}, "base_depth must be an integer >= 1"),
+        ({"base_depth": 2.5}, "base_depth must be an integer >= 1"),
+        ({"base_depth": True}, "base_depth must be an integer >= 1"),
+        ({"balance": "blocks", "base_depth": 4}, "base_depth sets the stage shares"),
+        ({"rate": -1.0}, "rate must be a finite number"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FSCOptimizer(_resnet(), **settings)
 
 
 def test_frozen_and_zero_gradient_groups_are_excluded():
     model = _resnet(freeze_first_layer=True)
     x, y = _data()
-    opt = FSCOptimizer(model, base=torch.optim.SGD, rate=RATE, lr=0.1, ema_beta=0.0)
+    opt = FSCOptimizer(model, base=torch.optim.SGD, rate=RATE, lr=0.1, balance="blocks", ema_beta=0.0)
     assert "stem" not in opt.group_names  # the frozen input layer is the whole stem
     opt.zero_grad()
     loss = ((model(x) - y) ** 2).mean()
@@ -137,7 +154,7 @@ def test_frozen_and_zero_gradient_groups_are_excluded():
 
 
 def test_a_block_layout_gives_the_groups_of_its_block_names():
-    """blocks= takes a BlockLayout found once: the same groups as the names, tied embeddings in the stem."""
+    """blocks= takes a BlockLayout found once: the same groups as the names, tied embeddings in the head."""
     from hf_fsf import find_blocks
 
     model = _tiny_gpt2()
@@ -149,7 +166,9 @@ def test_a_block_layout_gives_the_groups_of_its_block_names():
         [id(p) for p in g["params"]] for g in by_names.param_groups
     ]
     stem = {id(p) for p in by_layout.param_groups[0]["params"]}
-    assert id(model.transformer.wte.weight) in stem and model.lm_head.weight is model.transformer.wte.weight
+    head = {id(p) for p in by_layout.param_groups[-1]["params"]}
+    assert stem == {id(model.transformer.wpe.weight)}  # what only the input reads
+    assert id(model.transformer.wte.weight) in head and model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_parameter_groups_with_options_keep_their_options():
@@ -158,7 +177,9 @@ def test_parameter_groups_with_options_keep_their_options():
     decay = [model.input_layer.weight, model.blocks[0].linear.weight]
     rest = [p for p in model.parameters() if all(p is not q for q in decay)]
     groups = [{"params": decay, "weight_decay": 0.5}, {"params": rest, "weight_decay": 0.0}]
-    opt = FSCOptimizer(groups, model=model, base=torch.optim.AdamW, rate=RATE, lr=1e-3, ema_beta=0.0)
+    opt = FSCOptimizer(
+        groups, model=model, base=torch.optim.AdamW, rate=RATE, lr=1e-3, balance="blocks", ema_beta=0.0
+    )
     assert opt.group_names == list(_groups_by_hand(model))
     wd = {id(p): g["weight_decay"] for g in opt.base.param_groups for p in g["params"]}
     assert all(wd[id(p)] == 0.5 for p in decay) and all(wd[id(p)] == 0.0 for p in rest)
@@ -362,7 +383,7 @@ def test_trainer_accepts_the_optimizer(tmp_path, how):
     trainer = Trainer(model=model, args=args, train_dataset=data, **kw)
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a missing loss would warn "reusing the previous"
+        warnings.filterwarnings("error", message=".*reusing the previous")  # what a missing loss would warn
         trainer.train()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert isinstance(opt, FSCOptimizer)
