@@ -69,6 +69,7 @@ class BackwardBlockStats:
     forward_norm: float  # ‖f_v‖ before the step
     backward_norm: float  # ‖b_v‖ before the step
     update_norm: float  # ‖δf_v‖ (free: the second forward runs at the new parameters)
+    sign_flips: int  # entries of f_v whose sign changed: where a ReLU reading f_v switched, b jumps by O(1)
     backward_update_norm: float  # ‖δb_v‖
     relative_backward_speed: float  # ‖δb_v‖ / ‖b_v‖
     cos_theta_backward: float  # cos θ̃_v
@@ -239,6 +240,7 @@ class BackwardSpeedProbe:
                     forward_norm=f_norm,
                     backward_norm=b_norm,
                     update_norm=float(df.norm()),
+                    sign_flips=int(((f > 0) != (after.features[v] > 0)).sum()),
                     backward_update_norm=db_norm,
                     relative_backward_speed=db_norm / b_norm if b_norm > 0 else math.nan,
                     cos_theta_backward=cos_backward_angle(dot, db_norm, f_norm),

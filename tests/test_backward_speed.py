@@ -48,6 +48,7 @@ def test_relu_mlp_linear_loss_identity_is_first_order():
 
 def test_formula_gives_the_measured_backward_speed():
     _, _, stats = _mlp_linear_step(2.5e-4)
+    assert all(b.sign_flips == 0 for b in stats.blocks)  # a small step: no ReLU switches
     for b in stats.blocks:
         predicted = backward_speed(
             stats.curvature_term, b.downstream_decrease, b.forward_norm, b.cos_theta_backward

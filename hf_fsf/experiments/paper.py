@@ -73,6 +73,8 @@ class ReproConfig:
     )  # Fig. 1 (c): the paper's L = 200, and L = 800 where c/√L stays small
     c_values: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     n_inputs: tuple[int, ...] = (1, 64)
+    # angle runs at depth ≥ this use one input only (the paper's setting): a batch of 64 at L = 800 costs minutes
+    one_input_from_depth: int = 400
     seeds: int = 5
     input_dim: int = 10
     output_dim: int = 1
@@ -119,6 +121,8 @@ class Reproduction:
     first_order_error: float = 0.0
     first_order_error_last: float = 0.0
     backward_first_order_error: float = 0.0  # max |bsf_ratio − 1| over the backward runs
+    # per backward run (arch, seed): (sign flips of the features in the step, max |bsf_ratio − 1|)
+    backward_runs: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
 
     def _check_step(self, stats: StepStats) -> None:
         errors = [abs(b.fsf_ratio - 1.0) for b in stats.blocks if b.fsf_ratio is not None]
@@ -197,6 +201,10 @@ def _make_model(arch: str, beta_rule: str, c: float, width: int, depth: int, sca
     return model.double()
 
 
+def _angle_inputs(cfg: ReproConfig, depth: int) -> tuple[int, ...]:
+    return (1,) if depth >= cfg.one_input_from_depth else cfg.n_inputs
+
+
 def _angle_jobs(cfg: ReproConfig) -> list[tuple[str, str, float | None, int]]:
     jobs = []
     depths = sorted(set(cfg.depths) | {cfg.layer_depth})
@@ -241,7 +249,8 @@ def _run(cfg: ReproConfig, out: Path, progress: bool) -> Reproduction:
     result = Reproduction()
     start = time.perf_counter()
     angle_jobs, sens_jobs = _angle_jobs(cfg), _sensitivity_jobs(cfg)
-    total = (len(angle_jobs) * len(cfg.n_inputs) + len(sens_jobs) + len(BACKWARD_ARCHS)) * cfg.seeds
+    angle_steps = sum(len(_angle_inputs(cfg, job[3])) for job in angle_jobs)
+    total = (angle_steps + len(sens_jobs) + len(BACKWARD_ARCHS)) * cfg.seeds
     with tqdm(total=total, desc="reproduce", disable=not progress, unit="step") as bar:
         for job in angle_jobs:
             _run_angles(job, cfg, result, bar)
@@ -262,7 +271,7 @@ def _run(cfg: ReproConfig, out: Path, progress: bool) -> Reproduction:
 
 def _run_angles(job: tuple, cfg: ReproConfig, result: Reproduction, bar) -> None:
     arch, rule, c, depth = job
-    for n in cfg.n_inputs:
+    for n in _angle_inputs(cfg, depth):
         for seed in range(cfg.seeds):
             model = _make_model(arch, rule, c if c is not None else 1.0, cfg.width, depth, "fsc", seed, cfg)
             stats = one_step(model, n, seed, cfg)
@@ -296,6 +305,11 @@ def _run_backward(arch: str, rule: str, cfg: ReproConfig, result: Reproduction, 
     for seed in range(cfg.seeds):
         model = _make_model(arch, rule, 1.0, cfg.width, cfg.backward_depth, "fsc", seed, cfg)
         stats = backward_step(model, seed, cfg)
+        errors = [abs(b.bsf_ratio - 1.0) for b in stats.blocks if b.bsf_ratio is not None]
+        result.backward_runs[(arch, seed)] = (
+            sum(b.sign_flips for b in stats.blocks),
+            max(errors, default=0.0),
+        )
         for j, block in enumerate(stats.blocks):
             result.backward_rows.append(
                 dict(arch=arch, width=cfg.width, depth=cfg.backward_depth, layer=j + 2, seed=seed,
@@ -429,7 +443,7 @@ def _draw_fig1(fig, result: Reproduction, cfg: ReproConfig) -> None:
                 yscale="log")  # fmt: skip
     all_cs = set()
     for depth, color in zip(cfg.c_depths, ("k", "tab:red", "tab:blue")):
-        for n in cfg.n_inputs:
+        for n in _angle_inputs(cfg, depth):
             cs = sorted(k[2] for k in angles if k[1] == "c/sqrt(L)" and k[3] == depth and k[4] == n)
             all_cs |= set(cs)
             axes[2].plot(cs, [angles[("resnet", "c/sqrt(L)", c, depth, n)] for c in cs], styles[n] + "o",
@@ -544,18 +558,16 @@ def _angle_sections(result: Reproduction, cfg: ReproConfig) -> list[str]:
             f"## cos θ_{{L−1}} over c, β = c/√L, L = {depth} (β ≤ {max(cs) / math.sqrt(depth):.2f})",
             "",
         ]
-        rows = [
-            [f"{c:g}"] + [f"{angles[('resnet', 'c/sqrt(L)', c, depth, n)]:.3f}" for n in cfg.n_inputs]
-            for c in cs
-        ]
-        lines += _table(["c"] + [f"n={n}" for n in cfg.n_inputs], rows)
+        ns = _angle_inputs(cfg, depth)
+        rows = [[f"{c:g}"] + [f"{angles[('resnet', 'c/sqrt(L)', c, depth, n)]:.3f}" for n in ns] for c in cs]
+        lines += _table(["c"] + [f"n={n}" for n in ns], rows)
         lines += ["", "Local slope d log cos θ / d log c (c^{-1/2}: −0.5; 1/c: −1):", ""]
-        slopes = {n: local_slopes(angles, depth, n) for n in cfg.n_inputs}
+        slopes = {n: local_slopes(angles, depth, n) for n in ns}
         rows = [
-            [f"{a:g} → {b:g}"] + [f"{slopes[n][i][2]:+.2f}" for n in cfg.n_inputs]
-            for i, (a, b, _) in enumerate(slopes[cfg.n_inputs[0]])
+            [f"{a:g} → {b:g}"] + [f"{slopes[n][i][2]:+.2f}" for n in ns]
+            for i, (a, b, _) in enumerate(slopes[ns[0]])
         ]
-        lines += _table(["c"] + [f"n={n}" for n in cfg.n_inputs], rows)
+        lines += _table(["c"] + [f"n={n}" for n in ns], rows)
     return lines + [""]
 
 
@@ -614,6 +626,19 @@ def _backward_section(result: Reproduction, cfg: ReproConfig) -> list[str]:
         f"{result.backward_first_order_error:.1e}.",
         "",
     ]
+    flipped = {k: v for k, v in result.backward_runs.items() if v[0] > 0}
+    if flipped:
+        calm = [e for flips, e in result.backward_runs.values() if flips == 0]
+        lines += [
+            "Runs in which some feature entry changed sign in the step (a ReLU switched, so b jumped by O(1), which "
+            "the continuous-time ḃ does not see): "
+            + ", ".join(
+                f"{a} seed {s}: {f} flip(s), max |bsf_ratio − 1| {e:.1e}"
+                for (a, s), (f, e) in flipped.items()
+            )
+            + f"; the other runs: max |bsf_ratio − 1| {max(calm, default=0.0):.1e}.",
+            "",
+        ]
     return lines
 
 
