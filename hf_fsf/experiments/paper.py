@@ -617,16 +617,25 @@ def _backward_section(result: Reproduction, cfg: ReproConfig) -> list[str]:
         for g in gaps
     ]
     lines += _table(header, rows)
-    fits = {arch: log_slope(list(p)[1:], list(p.values())[1:]) for arch, p in profiles.items() if len(p) > 2}
+    flipped = {k: v for k, v in result.backward_runs.items() if v[0] > 0}
+    clean = [r for r in result.backward_rows if (r["arch"], r["seed"]) not in flipped]
+
+    def exponents(rows: list[dict]) -> str:
+        fits = {a: mean_backward_angle(rows, a) for a, _ in BACKWARD_ARCHS}
+        return ", ".join(
+            f"{_label(a, r)} {log_slope(list(fits[a])[1:], list(fits[a].values())[1:]):+.2f}"
+            for a, r in BACKWARD_ARCHS
+            if len(fits[a]) > 2
+        )
+
     lines += [
         "",
-        "Fitted exponent of cos θ̃_v in L − v (least squares over L − v ≥ 2, mean over seeds): "
-        + ", ".join(f"{_label(a, r)} {fits[a]:+.2f}" for a, r in BACKWARD_ARCHS if a in fits)
-        + " (the paper: −1/2 for the MLP). Largest |bsf_ratio − 1| over all blocks and seeds: "
+        "Fitted exponent of cos θ̃_v in L − v (least squares over L − v ≥ 2, mean over seeds): all runs: "
+        f"{exponents(result.backward_rows)}; runs without a sign switch: {exponents(clean) or '—'} (the paper: −1/2 "
+        "for the MLP). Largest |bsf_ratio − 1| over all blocks and seeds: "
         f"{result.backward_first_order_error:.1e}.",
         "",
     ]
-    flipped = {k: v for k, v in result.backward_runs.items() if v[0] > 0}
     if flipped:
         calm = [e for flips, e in result.backward_runs.values() if flips == 0]
         lines += [
