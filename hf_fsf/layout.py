@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hf_fsf.distributed import cuda_rng_devices
+from hf_fsf.parameter_uses import DirectUses
 from hf_fsf.stats import HEAD, STEM  # the names of the groups around the chain (stats.py: no torch there)
 
 HOW_TO_PASS_BLOCKS = (
@@ -293,6 +294,9 @@ class _Trace:
     """What one forward pass says about the chain."""
 
     phases: dict[int, set[str]]  # id(module outside the blocks) -> phases in which it ran
+    # id(parameter) -> phases in which an op used it outside its owners' calls (`h @ embed.weight.T`)
+    direct: dict[int, set[str]]
+    stem_calls: dict[int, int]  # id(module) -> how many times it ran before the blocks
     order: list[int]  # block indices in the order they first ran
     # (block, later block, argument name): trainable tensors passed from block to block around the stream
     side_inputs: list[tuple[str, str, str]]
@@ -338,6 +342,7 @@ def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -
                 returned[id(value)] = (index, value)
 
     inside_blocks = {id(m) for _, block in blocks for m in block.modules()} - set(block_index)
+    uses = DirectUses(_owners(model, blocks), lambda mid: bool(open_calls.get(mid)), clock)
     handles = []
     try:
         for module in model.modules():
@@ -349,7 +354,7 @@ def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -
                 block.register_forward_pre_hook(functools.partial(block_pre, index), with_kwargs=True)
             )
             handles.append(block.register_forward_hook(functools.partial(block_post, index)))
-        with _quiet_eval(model):
+        with _quiet_eval(model), uses:
             _call(model, inputs)
     finally:
         for handle in handles:
@@ -374,7 +379,27 @@ def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -
                 seen.add(_CHAIN)
         if seen:
             phases[mid] = seen
-    return _Trace(phases, order, list(dict.fromkeys(side_inputs)))
+    stem_calls = {mid: sum(end < first for _, end in c) for mid, c in calls.items()}
+    direct: dict[int, set[str]] = {}
+    for pid, time in uses.uses:
+        direct.setdefault(pid, set()).add(STEM if time < first else HEAD if time > last else _CHAIN)
+    return _Trace(phases, direct, stem_calls, order, list(dict.fromkeys(side_inputs)))
+
+
+def _owners(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> dict[int, set[int]]:
+    """id(parameter) -> ids of the modules in whose call its uses are its own: the modules that register it, or,
+    for a parameter inside a block, that block (whose submodules the trace does not hook). A module whose call
+    encloses blocks (the model, a stack) owns nothing here: its parameters' uses are placed by when they run."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    enclosing = {n for n in modules for b, _ in blocks if n == "" or b.startswith(n + ".")}
+    prefixes = [(name + ".", id(block)) for name, block in blocks]
+    owners: dict[int, set[int]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        block = next((b for prefix, b in prefixes if name.startswith(prefix)), None)
+        owner = _owner_module_name(name)
+        found = {block} if block is not None else set() if owner in enclosing else {id(modules[owner])}
+        owners.setdefault(id(param), set()).update(found)
+    return owners
 
 
 # --- parameters: stem, blocks, head ------------------------------------------------------------------------------
@@ -420,10 +445,13 @@ def _try_trace(
 
 
 def _parts(
-    model: nn.Module, resolved: list[tuple[str, nn.Module]], phases: dict[int, set[str]] | None
+    model: nn.Module, resolved: list[tuple[str, nn.Module]], traced: _Trace | None
 ) -> tuple[dict[int, dict[str, list[str]]], dict[int, nn.Parameter], dict[int, str]]:
     """{id(param): {part: names}} where part is 'stem', 'head', 'chain' or 'block:<i>'; a parameter registered
-    under several names (tied) can be in several parts. Also the parameters by id, and the embedding hints used."""
+    under several names (tied), or used directly outside its module, can be in several parts. Also the parameters
+    by id, and the embedding hints used."""
+    phases = traced.phases if traced is not None else None
+    direct = traced.direct if traced is not None else {}
     modules = dict(model.named_modules(remove_duplicate=False))
     hints = _embedding_hints(model, resolved) if phases is None else {}
     prefixes = [name + "." for name, _ in resolved]
@@ -433,10 +461,11 @@ def _parts(
     for name, param in model.named_parameters(remove_duplicate=False):
         index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
         owner = modules[_owner_module_name(name)]
+        used = direct.get(id(param), set())
         if index is not None:
-            seen_block, found = True, {f"block:{index}"}
-        elif phases is not None and id(owner) in phases:
-            found = phases[id(owner)]
+            seen_block, found = True, {f"block:{index}"} | used
+        elif phases is not None and (id(owner) in phases or used):
+            found = phases.get(id(owner), set()) | used
         elif id(owner) in hints:
             found = {hints[id(owner)]}
         else:  # registration order
@@ -469,16 +498,14 @@ def find_blocks(
     model = unwrap_model(model)
     resolved = _resolve_blocks(model, blocks)
     traced, why_not = _try_trace(model, resolved, example_inputs, trace)
-    phases = traced.phases if traced is not None else None
     if traced is not None:
         # The chain order is the execution order. The trace's phases are keyed by module, not by block index,
         # so they stay valid after the reordering.
         resolved = [resolved[i] for i in traced.order]
-    parts, params, hints = _parts(model, resolved, phases)
-    modules = dict(model.named_modules(remove_duplicate=False))
+    parts, params, hints = _parts(model, resolved, traced)
 
     block_params: list[list[tuple[str, nn.Parameter]]] = [[] for _ in resolved]
-    stem, head, tied, shared = [], [], [], []
+    stem, head, tied, shared, unsplittable = [], [], [], [], []
     for pid, where in parts.items():
         param = params[pid]
         in_blocks = [p for p in where if p.startswith("block:")]
@@ -487,17 +514,10 @@ def find_blocks(
         elif in_blocks:
             block_params[int(in_blocks[0].split(":")[1])].append((where[in_blocks[0]][0], param))
         elif set(where) == {STEM, HEAD}:
-            # The stem side is the module seen running before the blocks (BART's model.shared never runs: its
-            # weight runs in encoder.embed_tokens); the head side is preferably a head-only name (the LM head).
-            ran = [
-                n for n in where[STEM] if STEM in (phases or {}).get(id(modules[_owner_module_name(n)]), ())
-            ]
-            stem_name = (ran or where[STEM])[0]
-            head_only = [n for n in where[HEAD] if n not in where[STEM]]
-            owner = _owner_module_name(stem_name)
-            tied.append(
-                TiedParameter(stem_name, (head_only or where[HEAD])[-1], param, owner, modules[owner])
-            )
+            tied.append(_tied_parameter(model, where, param, traced))
+            why = _why_unsplittable(tied[-1], traced)
+            if why is not None:
+                unsplittable.append(f"{tied[-1].stem_name!r}: {why}")
         elif STEM in where:
             stem.append((where[STEM][0], param))
         else:
@@ -505,8 +525,17 @@ def find_blocks(
     if shared:
         raise ValueError(
             f"find_blocks: parameters {shared[:3]} are used inside the chain of blocks and elsewhere (another "
-            "block, or between blocks), so the model is not a chain stem -> blocks -> head. "
-            + HOW_TO_PASS_BLOCKS
+            "block, between blocks, or by an op outside their module while the blocks run), so the model is not a "
+            "chain stem -> blocks -> head. " + HOW_TO_PASS_BLOCKS
+        )
+    if unsplittable:
+        raise ValueError(
+            "find_blocks: a parameter used before the blocks and after them (tied input and output embeddings) "
+            "has a gradient that mixes the stem's path and the head's, and the probe measures the stem's share "
+            "at the output of the one module that uses it before the blocks; here it cannot: "
+            + "; ".join(unsplittable[:3])
+            + ". Use the parameter before the blocks only through one call of a module that owns nothing else "
+            "(e.g. h = self.embed(ids) with an nn.Embedding; the head may use self.embed.weight directly)."
         )
     if why_not is not None and _unverified_stem(model, stem, hints):
         warnings.warn(
@@ -532,6 +561,36 @@ def find_blocks(
         tied=tied,
         traced=traced is not None,
     )
+
+
+def _tied_parameter(
+    model: nn.Module, where: dict[str, list[str]], param: nn.Parameter, traced: _Trace | None
+) -> TiedParameter:
+    """The stem side is the module seen running before the blocks (BART's model.shared never runs: its weight
+    runs in encoder.embed_tokens); the head side is preferably a head-only name (the LM head)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    phases = traced.phases if traced is not None else {}
+    ran = [n for n in where[STEM] if STEM in phases.get(id(modules[_owner_module_name(n)]), ())]
+    stem_name = (ran or where[STEM])[0]
+    head_only = [n for n in where[HEAD] if n not in where[STEM]]
+    owner = _owner_module_name(stem_name)
+    return TiedParameter(stem_name, (head_only or where[HEAD])[-1], param, owner, modules[owner])
+
+
+def _why_unsplittable(tied: TiedParameter, traced: _Trace | None) -> str | None:
+    """Why the stem module's output change, −⟨δ(stem output), b⟩, is not the tied parameter's stem share; None
+    when it is. The trace's checks need a trace (example_inputs= for a model that is not from Hugging Face)."""
+    if traced is not None and STEM in traced.direct.get(id(tied.param), ()):
+        return "an op outside its module uses it before the blocks (e.g. F.embedding(ids, weight))"
+    others = [n for n, p in tied.stem_module.named_parameters() if p is not tied.param]
+    if others:
+        return (
+            f"its module {tied.stem_module_name!r} also owns {others[:2]}, whose update moves the same output"
+        )
+    calls = traced.stem_calls.get(id(tied.stem_module), 0) if traced is not None else 0
+    if calls > 1:
+        return f"its module {tied.stem_module_name!r} runs {calls} times before the blocks; the probe reads one call"
+    return None
 
 
 def _unverified_stem(model: nn.Module, stem: list[tuple[str, nn.Parameter]], hints: dict[int, str]) -> bool:
