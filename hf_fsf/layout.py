@@ -11,7 +11,13 @@ The rule is structural, so that new architectures of a known shape need no entry
   without backward (a *trace*; `example_inputs=` does the same for any model). Without a trace, parameters
   registered before the blocks are the stem and those after the head.
 - A parameter used in the stem and in the head (tied input/output embeddings) is a *tied* parameter, whose gradient
-  mixes the stem and head paths. Its stem share is measured at the first module that uses it.
+  mixes the stem and head paths. Its stem share is measured at the output of the stem module that uses it (exact:
+  an embedding's output is linear in its weight), so the head may use it any way: through a module (Hugging Face's
+  `tie_word_embeddings`) or directly (`logits = h @ self.embed.weight.T`, `F.linear(h, self.embed.weight)`). The
+  trace sees direct uses (parameter_uses.py); registration order does not, so a model that is not from Hugging
+  Face and uses a parameter outside its module needs `example_inputs=`. Where the stem share cannot be measured
+  that way (the stem reads the parameter outside a module call, its module owns other parameters or runs twice
+  before the blocks), and where a parameter is used directly while the blocks run, find_blocks refuses the model.
 
 Encoder-decoder models (T5, BART, Whisper, Marian, ...) have two block lists. The default chain is the **encoder**:
 its parameters up to block ℓ reach the loss only through f_ℓ (the decoder, which reads the encoder output, is the
@@ -303,7 +309,8 @@ class _Trace:
 
 
 def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -> _Trace:
-    """Runs the model once and says, for every module outside the blocks, in which phases it was called.
+    """Runs the model once and says, for every module outside the blocks, in which phases it was called, and for
+    every parameter that an op used outside its owners' calls, in which phases (see parameter_uses.py).
 
     Modules whose call encloses the chain (the model itself, a stack) are not classified: their own parameters
     fall back to registration order. Also records the trainable tensors that a block returns besides f_ℓ and a
@@ -491,7 +498,9 @@ def find_blocks(
     example_inputs: inputs for one forward pass (a dict of keyword arguments, a tuple, or a tensor) that orders the
     parameters outside the blocks by execution. Hugging Face models get dummy inputs from their config when it is
     None. The forward runs in eval mode with the random state restored, and no backward. trace=False skips it:
-    stem and head then follow registration order.
+    stem and head then follow registration order. Only the trace sees a parameter used outside its module (a head
+    computing h @ self.embed.weight.T): pass example_inputs= for such a model unless it is from Hugging Face, or
+    the embedding's whole gradient counts as the stem's.
     """
     if isinstance(blocks, BlockLayout):
         return blocks
