@@ -38,6 +38,7 @@ TIED_GROUP = HEAD  # a parameter tied between stem and head (tied embeddings) is
 # Error feedback (ema_beta > 0): a group's target this step is its share plus what it fell short of before, between
 # 0 and _CATCH_UP × its share; the shortfall carried over is bounded the same way (no wind-up).
 _CATCH_UP = 3.0
+_FLOOR = 0.25
 # Trust region: the realized loss decrease over the recent steps against the first-order decrease they targeted
 # (sums decayed by _TRUST_DECAY per step). Below _SHRINK_BELOW of it, beyond the loss noise, the trust factor that
 # multiplies every target shrinks to the step the quadratic model of the loss along the step prefers,
@@ -643,17 +644,28 @@ class FSCOptimizer(torch.optim.Optimizer):
             budget = lrs[0]  # the usual case: no per-group lr, no copy to the device
         else:
             budget = torch.tensor(lrs, dtype=torch.float64).to(unit.device, non_blocking=True)
-        # zero_init_head: the first step moves only the head, by its own share (upstream has no gradient yet).
-        share = self._fractions(active, renormalize=not (self.zero_init_head and k == 1)) * budget
         feedback = self.ema_beta > 0.0
+        # With error feedback, a group whose base step is not a descent step (u_g < 0) keeps its share and owes
+        # it (it catches up later); a group without gradient (u_g = 0) gives its share to the others.
+        counted = active | (unit.isfinite() & (unit < 0)) if feedback else active
+        # zero_init_head: the first step moves only the head, by its own share (upstream has no gradient yet).
+        share = self._fractions(counted, renormalize=not (self.zero_init_head and k == 1)) * budget
+        denominator = smoothed
         if feedback:
+            # The step's u over its smoothed value, all active groups together: the smoothing sets the total,
+            # each group's own u_g the split (exact), unless u_g is far below that level (a noisy small u_g).
+            level = torch.where(active, unit, 0.0).sum() / torch.where(active, smoothed, 0.0).sum().clamp(
+                min=1e-300
+            )
+            share = share * level
+            denominator = torch.maximum(unit, _FLOOR * level * smoothed)
             if self._debt is None:
                 self._debt = torch.zeros(len(self.param_groups), dtype=torch.float64, device=unit.device)
             debt = self._debt.to(unit.device)
             target = torch.minimum((share + debt).clamp(min=0.0), _CATCH_UP * share)
         else:
             target = share
-        scale = torch.where(active, target / smoothed, 0.0)
+        scale = torch.where(active, target / denominator, 0.0)
         clipped = (
             active & (scale > self.max_scale) if self.max_scale is not None else torch.zeros_like(active)
         )
@@ -664,7 +676,7 @@ class FSCOptimizer(torch.optim.Optimizer):
             carried = torch.minimum(
                 (debt + share - contribution).clamp(min=-share), (_CATCH_UP - 1.0) * share
             )
-            self._debt = torch.where(active & ~clipped, carried, debt)
+            self._debt = torch.where(counted & ~clipped, carried, debt)
         self._predicted = contribution.sum()
         rows = [unit, smoothed, target, scale, contribution, active, clipped, share]
         values = torch.stack([r.to(torch.float64) for r in rows])

@@ -404,7 +404,9 @@ def _kappa_by_hand(model, last_block, loss_fn) -> float:
     block = dict(work.named_modules())[last_block]
     captured = []
     handle = block.register_forward_hook(lambda mod, args, out: captured.append(out))
-    opt = FSCOptimizer(work, base=torch.optim.SGD, rate=1e-3, lr=1e-3, ema_beta=0.0, capture_loss=False)
+    opt = FSCOptimizer(
+        work, base=torch.optim.SGD, rate=1e-3, lr=1e-3, balance="blocks", ema_beta=0.0, capture_loss=False
+    )
     opt.zero_grad()
     loss = loss_fn(work)
     f = captured[-1]

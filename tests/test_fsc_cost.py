@@ -9,9 +9,10 @@ from hf_fsf.fsc import FSCOptimizer
 from hf_fsf.models import small_gpt2
 
 # Per group: flatten its gradients, multiply by −δw, sum, rescale. The rest is per step (finite check, loss,
-# the scales of all groups at once, the batched copy and update).
+# the previous step's decrease for the trust region, the shares, scales and error feedback of all groups at once,
+# the batched copy and update).
 OPS_PER_GROUP = 4
-OPS_PER_STEP = 80
+OPS_PER_STEP = 100
 
 
 def _extra_cost(layers: int, balance: str) -> tuple[int, int, int, int]:
