@@ -182,8 +182,9 @@ def _backwards(model, x, y) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, feats))
 
 
-def test_backward_stability_is_the_relative_backward_change():
-    # Independent computation: b_ℓ before and after a hand-made GD step with the preset's rates.
+def test_backward_stability_is_the_first_order_backward_change():
+    # Independent computation: b_ℓ by autograd before and after a hand-made GD step with the preset's rates, with a
+    # master step small enough that no ReLU gate switches; per unit step, it is ‖ḃ_ℓ‖ / ‖b_ℓ‖ up to O(step).
     torch.manual_seed(0)
     model = ReLUMLP(10, 32, 6, scaling="fsc").double()
     twin = copy.deepcopy(model)
@@ -193,12 +194,13 @@ def test_backward_stability_is_the_relative_backward_change():
         y = twin(x) + sign
     before = _backwards(twin, x, y)
     loss = 0.5 * (twin(x) - y).pow(2).sum(dim=1).mean()
-    groups = twin.param_groups(step.master_lr)
+    tiny = 1e-7
+    groups = twin.param_groups(tiny)
     grads = torch.autograd.grad(loss, [p for g in groups for p in g["params"]])
     with torch.no_grad():
         flat = [(p, g["lr"]) for g in groups for p in g["params"]]
         for (p, lr), grad in zip(flat, grads):
             p -= lr * grad
     after = _backwards(twin, x, y)
-    expected = max(float((a - b).norm() / b.norm()) for a, b in zip(after, before))
-    assert backward_stability(model, 3, 0, step) == pytest.approx(expected, rel=1e-9)
+    expected = max(float((a - b).norm() / b.norm()) for a, b in zip(after, before)) / tiny
+    assert backward_stability(model, 3, 0, step) == pytest.approx(expected, rel=1e-4)

@@ -18,8 +18,9 @@ probe gives, per step:
 Beside them (`DesiderataConfig.stability`), the stability desiderata of §6.1 and our reading of Thm 6.3:
 
 - FS   forward stability: max over hidden blocks of ‖δf_ℓ‖ / ‖f_ℓ‖ is O(1);
-- BS   backward stability: max over hidden blocks of ‖δb_ℓ‖ / ‖b_ℓ‖ is O(1), δb_ℓ measured by
-       `hf_fsf.backward_speed.BackwardSpeedProbe` (a second step on a copy of the model, same inputs);
+- BS   backward stability: max over hidden blocks of ‖ḃ_ℓ‖ / ‖b_ℓ‖ is O(1), ḃ_ℓ the first-order change of the
+       backward pass along the step with the ReLU gates fixed (`backward_stability`: the continuous-time ḃ; a
+       finite difference would measure the gates the step switches, whose jumps grow like √step);
 - Thm 6.3 (as PAPER.md §6 restates it, with Eq. 7): (i) the input + hidden decrease ΔL_{≤L−1} is Θ(1), (ii) the
        output layer's contribution is O(1), (iii) the sensitivity S_{L−1} is Θ(1). (i) and (iii) give FL through
        the feature speed formula, (i) and (ii) give LD; the per-layer split of BC is not needed.
@@ -48,7 +49,6 @@ from pathlib import Path
 
 import torch
 
-from hf_fsf.backward_speed import BackwardSpeedProbe
 from hf_fsf.experiments.paper import ReproConfig, inputs_and_signs, one_step
 from hf_fsf.models import ReLUMLP
 from hf_fsf.stats import StepStats
@@ -195,25 +195,52 @@ def quantities(stats: StepStats) -> dict[str, float]:
     }
 
 
-def backward_stability(model: torch.nn.Module, n_inputs: int, seed: int, step: ReproConfig) -> float:
-    """BS of one step: max over blocks of ‖δb_ℓ‖ / ‖b_ℓ‖, with the inputs, targets and rates of `one_step`."""
+def backward_stability(model: ReLUMLP, n_inputs: int, seed: int, step: ReproConfig) -> float:
+    """BS of one GD step, per unit master step: max over hidden blocks of ‖ḃ_ℓ‖ / ‖b_ℓ‖, with the inputs, targets
+    and rates of `one_step`.
+
+    ḃ_ℓ is the first-order change of b_ℓ along the step with the ReLU gates D_ℓ = φ'(h_ℓ) held fixed, i.e. the
+    continuous-time ḃ of the paper. A discrete step of a wide, deep net switches some gates, and each switch makes
+    b jump by O(1) in the entries it gates: ‖δb‖ then grows like √(step), not like the step, and a finite-difference
+    BS measures the switches, not ḃ (see `hf_fsf.backward_speed`, `sign_flips`). For the MLP of models.py
+    (h_1 = W_1 x, h_ℓ = W_ℓ φ(h_{ℓ−1}), out = W_L φ(h_{L−1})), with row vectors and g = ∂loss/∂out:
+    b_{L−1} = D (g W_L), b_{ℓ−1} = D (b_ℓ W_ℓ), and their first-order changes follow by the product rule.
+    """
     x, sign = inputs_and_signs(n_inputs, seed, step)
+    weights = [
+        model.input_layer.weight,
+        *(b.linear.weight for b in model.blocks),
+        model.readout.linear.weight,
+    ]
     with torch.no_grad():
         y = model(x) + sign
-
-    def squared_loss(out: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (out - y).pow(2).sum(dim=1).mean()
-
-    optimizer = torch.optim.SGD(model.param_groups(step.master_lr))
-    stats = BackwardSpeedProbe(model).measure_step(lambda: model(x), squared_loss, optimizer)
-    return max(b.relative_backward_speed for b in stats.blocks)
+    loss = 0.5 * (model(x) - y).pow(2).sum(dim=1).mean()
+    trainable = [w for w in weights if w.requires_grad]
+    grads = dict(zip(map(id, trainable), torch.autograd.grad(loss, trainable)))
+    rates = {id(p): g["lr"] for g in model.param_groups(1.0) for p in g["params"]}
+    deltas = [-rates[id(w)] * grads[id(w)] if id(w) in grads else torch.zeros_like(w) for w in weights]
+    with torch.no_grad():
+        hs, dhs = [x @ weights[0].T], [x @ deltas[0].T]  # h_ℓ and its first-order change δh_ℓ
+        for w, dw in zip(weights[1:], deltas[1:]):
+            hs.append(torch.relu(hs[-1]) @ w.T)
+            dhs.append(torch.relu(hs[-2]) @ dw.T + ((hs[-2] > 0) * dhs[-1]) @ w.T)
+        out, dout = hs.pop(), dhs.pop()
+        g, dg = (out - y) / len(x), dout / len(x)  # ∇loss and ∇²loss δout for ½·mean‖out − y‖²
+        ratios = []
+        for ell in range(
+            len(weights) - 1, 1, -1
+        ):  # b_{ell−1}, the output of block ell − 2, from layer ell's W
+            gate = hs[ell - 1] > 0
+            g, dg = gate * (g @ weights[ell]), gate * (dg @ weights[ell] + g @ deltas[ell])
+            ratios.append(float(dg.norm() / g.norm()))
+    return max(ratios)
 
 
 def measure_point(scaling: str, width: int, depth: int, seed: int, cfg: DesiderataConfig) -> DesiderataPoint:
     """One GD step at init of a float64 ReLU MLP with the preset's rates, measured by the probe."""
     torch.manual_seed(seed)
     model = ReLUMLP(cfg.input_dim, width, depth, cfg.output_dim, scaling=scaling).double()
-    twin = copy.deepcopy(model) if cfg.stability else None  # the same initial weights for the backward step
+    twin = copy.deepcopy(model) if cfg.stability else None  # the weights before the probe's step
     step_cfg = ReproConfig(input_dim=cfg.input_dim, output_dim=cfg.output_dim, master_lr=cfg.master_lr)
     q = quantities(one_step(model, cfg.n_inputs, seed, step_cfg))
     # FL, LD, FS, BS and the decreases are proportional to the master step (to first order): per unit step.
@@ -222,7 +249,7 @@ def measure_point(scaling: str, width: int, depth: int, seed: int, cfg: Desidera
     if twin is None:
         q = {k: v for k, v in q.items() if k not in STABILITY and k not in THEOREM_6_3}
     else:
-        q["bs"] = backward_stability(twin, cfg.n_inputs, seed, step_cfg) / cfg.master_lr
+        q["bs"] = backward_stability(twin, cfg.n_inputs, seed, step_cfg)
     return DesiderataPoint(scaling, width, depth, seed, **q)
 
 
