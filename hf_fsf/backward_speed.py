@@ -14,6 +14,10 @@ of f_v (Σ_{ℓ>v} η_ℓ‖∇_ℓ loss‖² for GD; −Σ ⟨∇_p loss, δw_p
 Discrete time, as the probe measures the forward formula: δb_v = b_v(w + δw) − b_v(w) from a second forward and
 backward at the new parameters on the same inputs (random state replayed), δf_L = f_L(w + δw) − f_L(w). The two
 sides agree to first order in the step: `bsf_ratio` = (−f_L^T ∇²loss δf_L + ΔL_{>v}) / (−⟨δb_v, f_v⟩) → 1.
+With ReLUs, b is piecewise constant in the gates: a step that switches a gate makes b jump by O(1) in the entries
+it gates, a term the continuous-time ḃ does not have, which inflates ‖δb‖ (like √step, not like the step) and moves
+bsf_ratio away from 1. `sign_flips` counts, per block, the entries of f_v that changed sign: read cos θ̃_v and
+bsf_ratio as first-order quantities where it is 0 (a smaller step makes switches rarer).
 
 This costs a second forward and backward and copies of the features, the backward passes and the parameters, so it
 lives here, apart from FeatureSpeedProbe: nothing else pays for it. Hooks exist only inside `measure_step`.
