@@ -313,7 +313,7 @@ def _trace(model: nn.Module, blocks: list[tuple[str, nn.Module]], inputs: Any) -
     every parameter that an op used outside its owners' calls, in which phases (see parameter_uses.py).
 
     Modules whose call encloses the chain (the model itself, a stack) are not classified: their own parameters
-    fall back to registration order. Also records the trainable tensors that a block returns besides f_ℓ and a
+    are placed by when ops use them, or by registration order. Also records the trainable tensors that a block returns besides f_ℓ and a
     later block reads (T5's position bias): a path around the residual stream, which breaks the chain identity.
     The forward runs with grad enabled (to see which tensors depend on trainable parameters) but no backward.
     """

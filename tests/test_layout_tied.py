@@ -211,3 +211,22 @@ def test_a_tied_stem_module_called_twice_before_the_blocks_is_refused():
 
     with pytest.raises(ValueError, match="runs 2 times before the blocks"):
         find_blocks(TwiceLM().double(), example_inputs=torch.randint(0, VOCAB, (2, 5)))
+
+
+def test_parameters_of_the_model_itself_are_placed_by_when_they_are_used():
+    """A bare parameter of the model used after the blocks (a learned logit scale) is head; registration order
+    puts a module's own parameters before its children's, in the stem."""
+
+    class LogitScale(ResearchLM):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, ids):
+            return self.run(self.embed(ids))[0] * self.logit_scale
+
+    model = LogitScale().double()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert [n for n, _ in find_blocks(model, trace=False).stem_params][:1] == ["logit_scale"]
+    layout = find_blocks(model, example_inputs=ids)
+    assert [n for n, _ in layout.head_params] == ["logit_scale", "norm.weight", "norm.bias"]
