@@ -57,7 +57,9 @@ _INDEX_CACHE = 16
 
 def _guarded(hook):
     """Hooks run inside the user's forward and backward: with strict=False a fault there is a warning and an
-    invalid step, never an exception in the training loop."""
+    invalid step, never an exception in the training loop. Inside a torch.compile'd model they run eagerly
+    (torch.compiler.disable: a graph break per call, and Dynamo neither traces the probe's Python nor guards on
+    its state, so measuring or not never recompiles the model)."""
 
     @functools.wraps(hook)
     def wrapper(self, *args, **kwargs):
@@ -70,7 +72,22 @@ def _guarded(hook):
                 self._step.failed = f"{type(error).__name__}: {error}"
             warnings.warn(f"FeatureSpeedProbe: hook failed ({type(error).__name__}: {error}).", stacklevel=2)
 
-    return wrapper
+    return torch.compiler.disable(wrapper)
+
+
+def _gated(probe: FeatureSpeedProbe, hook: Callable, tell_compiled: bool = False) -> Callable:
+    """The module hook as registered. Dynamo traces this shim (not the hook, see _guarded): between measured steps
+    it returns at once, so a compiled model has no graph break there (Dynamo guards on the plain bool: one compiled
+    variant for measured steps, one for the others). tell_compiled: the hook learns whether the call is compiled."""
+
+    def shim(*args):
+        if not probe._hooks_live:
+            return None
+        if tell_compiled:
+            return hook(*args, compiled=torch.compiler.is_compiling())
+        return hook(*args)
+
+    return shim
 
 
 class _StopForward(BaseException):
@@ -105,8 +122,10 @@ class _MicroBatch:
     cuda_rng: list[torch.Tensor]
     autocast: list[tuple[str, torch.dtype]]
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # f_ℓ before the step (angle only)
+    low_precision: bool = False  # a block ran under bf16/fp16 autocast: the angle's forwards run without it
     backwards: dict[int, torch.Tensor] = field(default_factory=dict)  # b_ℓ (angle only)
     seen: set[int] = field(default_factory=set)  # blocks captured (gradient checkpointing re-runs them)
+    last: int = -1  # the last block captured: blocks run in the order of the layout
     hooked: set[int] = field(default_factory=set)  # blocks whose output gradient is being captured
     tied: dict[int, tuple[tuple, dict, torch.Tensor]] = field(
         default_factory=dict
@@ -135,6 +154,9 @@ class _Step:
     has_loss: bool = False
     phase: str = "capture"  # capture -> stepped -> done
     failed: str | None = None  # a hook's error message (strict=False)
+    caller_loss: bool = False  # measure_step records loss_fn's loss; the model's own .loss is not added
+    compiled: bool = False  # a hook ran inside a region torch.compile compiled
+    max_micro_batches: int | None = None  # model calls after which an unfinished step is dropped
 
     def add_norm(self, value: torch.Tensor, slot: int) -> None:
         self.norms.append(value if value.device == self.device else value.to(self.device))
@@ -159,6 +181,50 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
 
 
 _WIDE = (torch.float32, torch.float64)
+
+
+def _low_precision_autocast() -> bool:
+    return any(dtype not in _WIDE for _, dtype in _autocast_state())
+
+
+@contextlib.contextmanager
+def _without_autocast(stack: contextlib.ExitStack):
+    """Autocast stays off inside, also where the model's own forward enters it (accelerate wraps the forward in
+    it for mixed precision): at fine-tuning rates δf is below bf16's resolution of f, so the angle's forwards run
+    in the parameters' precision. Patches autocast's __enter__ for the duration of a synchronous replay."""
+    autocast = torch.amp.autocast_mode.autocast
+    enter = autocast.__enter__
+
+    def disabled(self):
+        enabled, self._enabled = self._enabled, False
+        try:
+            return enter(self)
+        finally:
+            self._enabled = enabled
+
+    for device_type, _ in _autocast_state():  # an autocast region around the replay
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    autocast.__enter__ = disabled
+    try:
+        yield
+    finally:
+        autocast.__enter__ = enter
+
+
+def _draws_dropout(model: nn.Module) -> bool:
+    """Whether a training forward draws dropout masks: a dropout module with p > 0, or a float attribute named
+    like a dropout rate (HF attention passes it to the attention kernel), in a module in training mode."""
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                return True
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, float) and value > 0 and ("dropout" in name or "pdrop" in name):
+                return True
+    return False
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -281,6 +347,7 @@ class FeatureSpeedProbe:
         self.grad_average = grad_average
         self._step: _Step | None = None
         self._reforwarding = False
+        self._warned_nothing_moved = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         first = next(self.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -298,50 +365,110 @@ class FeatureSpeedProbe:
     # --- public API ---------------------------------------------------------------------------------------
 
     @property
+    def _step(self) -> _Step | None:
+        """The step being measured, if any."""
+        return self._current_step
+
+    @_step.setter
+    def _step(self, step: _Step | None) -> None:
+        self._current_step = step
+        self._hooks_live = step is not None  # what the module hooks check first (_gated)
+
+    @property
     def block_names(self) -> list[str]:
         return self.layout.names
 
     def measure_step(
         self, loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, angle: bool = True
     ) -> StepStats:
-        """Zero-grad, loss_fn() + backward, optimizer.step(), and (angle) the re-forward: the stats of that step."""
+        """Zero-grad, loss_fn() + backward, optimizer.step(), and (angle) the re-forward: the stats of that step.
+
+        loss_fn() runs the forward pass and returns the scalar loss. It is called exactly once, so it may consume an
+        iterator (`lambda: model(**next(batches)).loss`) or draw random numbers. The angle re-runs the calls of the
+        probe's model that loss_fn made, with their recorded inputs and random state, not loss_fn: the blocks must
+        run inside a call of the model. A loss_fn that runs them otherwise (calls a submodule directly) gets no
+        angle (an error; with strict=False a warning and the stats without it). An optimizer with `observe_loss`
+        (FSCOptimizer) is handed the loss before its step.
+        """
         self.model.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         self.begin_step(angle=angle)
         try:
-            with self.micro_batch(replay=loss_fn):
-                loss = loss_fn()
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ValueError(
-                        f"measure_step: loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                        f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}. "
-                        "Reduce it (e.g. .mean()) inside loss_fn."
-                    )
-                if not loss.requires_grad:
-                    raise ValueError(
-                        "measure_step: the loss does not require grad; no parameter of the model is trainable."
-                    )
-                self.record_loss(loss)
-                loss.backward()
+            loss = self._forward_backward(loss_fn)
         except BaseException:
             self._step = None
             raise
         self.before_optimizer_step()
+        if hasattr(optimizer, "observe_loss"):  # FSCOptimizer: its target is rate x this step's loss
+            optimizer.observe_loss(loss.detach())
         optimizer.step()
         return self.after_optimizer_step()
 
-    def begin_step(self, angle: bool = False) -> None:
-        """Start measuring one optimizer step; every model call until before_optimizer_step() is a micro-batch."""
+    def _forward_backward(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """loss_fn() once, and its backward; each call of the model in it is a micro-batch, as in a training loop."""
+        step = self._step
+        step.caller_loss = True
+        # Blocks run outside a call of the model land here: measured, but there is no call to replay.
+        outside = step.current = _MicroBatch(replay=None, cpu_rng=None, cuda_rng=[], autocast=[])
+        loss = loss_fn()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"measure_step: loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}. "
+                "Reduce it (e.g. .mean()) inside loss_fn."
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "measure_step: the loss does not require grad; no parameter of the model is trainable."
+            )
+        if outside.seen or outside.tied:
+            step.micro.insert(0, outside)
+            if step.angle:
+                self._problem(
+                    "loss_fn ran blocks outside a call of the probe's model (a submodule called directly?), and the "
+                    "angle re-runs the model calls of the step, not loss_fn; call the model itself in loss_fn"
+                )
+                step.angle = False
+        self.record_loss(loss)
+        loss.backward()
+        return loss
+
+    def begin_step(self, angle: bool = False, max_micro_batches: int | None = None) -> None:
+        """Start measuring one optimizer step; every model call until before_optimizer_step() is a micro-batch.
+
+        .grad must be empty (optimizer.zero_grad(set_to_none=True) before): the step's gradients are what its
+        backward passes put there. max_micro_batches: a step still capturing after this many model calls is
+        dropped with a warning, so that a loop that died mid-step does not keep recording every later forward.
+        """
+        if max_micro_batches is not None and (
+            isinstance(max_micro_batches, bool)
+            or not isinstance(max_micro_batches, int)
+            or max_micro_batches < 1
+        ):
+            raise ValueError(
+                f"begin_step(max_micro_batches={max_micro_batches!r}): expected None or an int >= 1."
+            )
         if self._step is not None and self._step.phase != "done":
             warnings.warn(
                 "FeatureSpeedProbe.begin_step: the previous step was not finished; it is discarded.",
                 stacklevel=2,
             )
+        self._step = None
+        stale = any(p.grad is not None for _, p in self._params)  # host-only: no op, no sync
+        message = (
+            "gradients were already in .grad at begin_step (zero_grad not called, or zero_grad(set_to_none=False)): "
+            "the step's backward adds to them, so .grad is not this step's gradient. Call "
+            "optimizer.zero_grad(set_to_none=True) before begin_step"
+        )
+        if stale and self.strict:
+            raise RuntimeError(f"FeatureSpeedProbe: {message}.")
         self._step = _Step(
             angle=angle,
             device=self.device,
             numel=[0] * len(self.layout.blocks),
             reference=[None] * len(self._reference),
+            max_micro_batches=max_micro_batches,
+            failed=message if stale else None,
         )
 
     @contextlib.contextmanager
@@ -370,8 +497,17 @@ class FeatureSpeedProbe:
         step = self._require_step("before_optimizer_step")
         if step.phase != "capture":
             raise RuntimeError("before_optimizer_step was already called for this step.")
+        if step.angle and step.compiled and _draws_dropout(self.model):
+            self._problem(
+                "dropout > 0 under torch.compile: the compiled forward draws its dropout masks with its own random "
+                "number generator (inductor), which the re-forward cannot replay, so no angle this step (the cheap "
+                "stats stand). For the angle, set dropout to 0 on measured steps, or train eagerly"
+            )
+            step.angle = False
         self._reference_gram(step)
         self._inner_products(step, before=True)
+        if step.angle and any(m.low_precision for m in step.micro):
+            self._replay(step, before=True)
         step.phase = "stepped"
 
     def after_optimizer_step(self) -> StepStats:
@@ -383,7 +519,7 @@ class FeatureSpeedProbe:
             self._inner_products(step, before=False)
             self._tied_stem_dots(step)
             if step.angle:
-                self._reforward(step)
+                self._replay(step)
             return self._finish(step, self._gather(step))
         finally:
             step.phase = "done"
@@ -420,14 +556,15 @@ class FeatureSpeedProbe:
 
     def _install_hooks(self) -> None:
         model = self.model
-        self._handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._on_model_output))
+        self._handles.append(
+            model.register_forward_pre_hook(_gated(self, self._on_model_call, True), with_kwargs=True)
+        )
+        self._handles.append(model.register_forward_hook(_gated(self, self._on_model_output)))
         for index, (_, module) in enumerate(self.layout.blocks):
-            self._handles.append(
-                module.register_forward_hook(functools.partial(self._on_block_output, index))
-            )
+            hook = _gated(self, functools.partial(self._on_block_output, index), True)
+            self._handles.append(module.register_forward_hook(hook))
         for index, tied in enumerate(self.layout.tied):
-            hook = functools.partial(self._on_tied_stem_output, index)
+            hook = _gated(self, functools.partial(self._on_tied_stem_output, index))
             self._handles.append(tied.stem_module.register_forward_hook(hook, with_kwargs=True))
         for index, param in enumerate(self._reference):
             self._handles.append(param.register_hook(functools.partial(self._on_reference_grad, index)))
@@ -453,9 +590,18 @@ class FeatureSpeedProbe:
         return step
 
     @_guarded
-    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict, compiled: bool = False) -> None:
         step = self._capturing()
         if step is None or step.manual or not torch.is_grad_enabled():
+            return
+        step.compiled = step.compiled or compiled
+        if step.max_micro_batches is not None and len(step.micro) >= step.max_micro_batches:
+            self._step = None  # what it holds (features, inputs to replay) goes with it
+            warnings.warn(
+                f"FeatureSpeedProbe: a step was begun and never finished after {len(step.micro)} model calls (the "
+                "training loop stopped?); it is discarded. Call probe.close() to remove the hooks.",
+                stacklevel=2,
+            )
             return
         replay = functools.partial(module, *args, **kwargs) if step.angle else None
         step.current = self._new_micro_batch(replay)
@@ -463,7 +609,7 @@ class FeatureSpeedProbe:
     @_guarded
     def _on_model_output(self, module: nn.Module, args: tuple, output: object) -> None:
         step = self._capturing()
-        if step is None or step.manual:
+        if step is None or step.manual or step.caller_loss:
             return
         loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
@@ -479,7 +625,9 @@ class FeatureSpeedProbe:
         step.has_loss = True
 
     @_guarded
-    def _on_block_output(self, index: int, module: nn.Module, args: tuple, output: object) -> None:
+    def _on_block_output(
+        self, index: int, module: nn.Module, args: tuple, output: object, compiled: bool = False
+    ) -> None:
         if self._reforwarding:
             self._on_block_reforward(index, output)
             return
@@ -490,16 +638,49 @@ class FeatureSpeedProbe:
         features = block_output(output)
         if features is None:
             return
+        step.compiled = step.compiled or compiled
         if index not in micro.seen:  # gradient checkpointing re-runs blocks in the backward pass: count once
+            if index < micro.last:
+                self._refuse(step, self._order_problem(micro, index))
             micro.seen.add(index)
+            micro.last = index
             step.add_norm(_norm(features), self._slots.forward + index)
             step.numel[index] += features.numel()
             if step.angle:
                 micro.features[index] = features.detach().clone()
+                micro.low_precision = micro.low_precision or _low_precision_autocast()
+        elif (
+            torch._C._current_graph_task_id() == -1
+        ):  # a second run outside the backward pass (checkpointing's)
+            self._refuse(step, self._repeat_problem(index))
         # With reentrant checkpointing the first run is under no_grad: the re-run's output carries the gradient.
         if index not in micro.hooked and features.requires_grad and torch.is_grad_enabled():
             micro.hooked.add(index)
             features.register_hook(functools.partial(self._on_block_backward, step, micro, index))
+
+    def _refuse(self, step: _Step, message: str) -> None:
+        """A step the probe cannot measure exactly: an error (strict), else the step is marked invalid."""
+        if self.strict:
+            raise RuntimeError(f"FeatureSpeedProbe: {message}.")
+        if step.failed is None:
+            step.failed = message
+
+    def _repeat_problem(self, index: int) -> str:
+        return (
+            f"block {self.layout.names[index]!r} ran more than once in one forward (a layer shared across depth, as "
+            "in ALBERT, a layer list that repeats a module, a weight-shared loop; or two model calls inside one "
+            "micro_batch()), but the probe measures a chain in which each block runs once per model call. Measure a "
+            "model whose blocks each run once (e.g. ALBERT with num_hidden_groups == num_hidden_layers), or pass "
+            "blocks= that each run once per forward"
+        )
+
+    def _order_problem(self, micro: _MicroBatch, index: int) -> str:
+        names = self.layout.names
+        return (
+            f"block {names[index]!r} ran after {names[micro.last]!r}, but the blocks are listed the other way round; "
+            "list blocks= in the order the forward runs them (or leave blocks=None with trace=True so that "
+            "find_blocks orders them)"
+        )
 
     @_guarded
     def _on_block_backward(self, step: _Step, micro: _MicroBatch, index: int, grad: torch.Tensor) -> None:
@@ -511,7 +692,11 @@ class FeatureSpeedProbe:
         step, micro = self._step, self._step.current
         after = block_output(output)
         before, backward = micro.features.get(index), micro.backwards.get(index)
-        if after is not None and before is not None and after.shape == before.shape:
+        if step.phase == "capture":  # the forward before the step, in the parameters' precision (_replay)
+            if after is not None and before is not None and after.shape == before.shape:
+                micro.features[index] = after.detach().clone()
+                micro.seen.add(index)
+        elif after is not None and before is not None and after.shape == before.shape:
             delta = _as_float(after) - _as_float(before)
             step.add_norm(_norm(delta), self._slots.update + index)
             if backward is not None:  # None when nothing upstream of the block is trainable
@@ -630,8 +815,10 @@ class FeatureSpeedProbe:
         finally:
             self._reforwarding = False
 
-    def _reforward(self, step: _Step) -> None:
-        """Re-runs each recorded micro-batch after the step, with its random state and autocast replayed."""
+    def _replay(self, step: _Step, before: bool = False) -> None:
+        """Re-runs each recorded micro-batch under no_grad, with its random state and autocast replayed: after the
+        step for δf, or (before=True, micro-batches that ran under low-precision autocast) before it, for f_ℓ in
+        the parameters' precision. Those micro-batches replay without autocast both times."""
         runnable = [m for m in step.micro if m.replay is not None]
         if len(runnable) < len(step.micro) or not runnable:
             self._problem(
@@ -639,6 +826,8 @@ class FeatureSpeedProbe:
             )
             step.angle = False
             return
+        if before:
+            runnable = [m for m in runnable if m.low_precision]
         buffers = self._batchnorm_buffers()
         self._reforwarding = True
         try:
@@ -650,15 +839,19 @@ class FeatureSpeedProbe:
                     torch.set_rng_state(micro.cpu_rng)
                     for device, state in zip(self._cuda_devices, micro.cuda_rng):
                         torch.cuda.set_rng_state(state, device)
-                    for device_type, dtype in micro.autocast:
-                        stack.enter_context(torch.autocast(device_type, dtype=dtype))
+                    if micro.low_precision:
+                        stack.enter_context(_without_autocast(stack))
+                    else:
+                        for device_type, dtype in micro.autocast:
+                            stack.enter_context(torch.autocast(device_type, dtype=dtype))
                     stack.enter_context(torch.no_grad())
                     try:
                         micro.replay()
                     except _StopForward:
                         pass
                 if len(micro.seen) < len(self.layout.blocks):
-                    self._problem("the re-forward did not run every block (did the model's input change?)")
+                    what = "forward before the step" if before else "re-forward"
+                    self._problem(f"the {what} did not run every block (did the model's input change?)")
                     step.angle = False
                     return
         finally:
@@ -781,13 +974,22 @@ class FeatureSpeedProbe:
             valid=valid,
         )
 
-    @staticmethod
-    def _valid(step: _Step, checked: list[float], scale: float, nothing_moved: bool) -> bool:
+    def _valid(self, step: _Step, checked: list[float], scale: float, nothing_moved: bool) -> bool:
         """Whether the step's numbers can be trusted; a warning that says why not."""
         finite = all(math.isfinite(v) for v in checked) and math.isfinite(scale)
         if step.failed is not None:
             warnings.warn(
                 f"FeatureSpeedProbe: stats of this step marked invalid ({step.failed}).", stacklevel=4
+            )
+        elif (
+            nothing_moved and not self._warned_nothing_moved
+        ):  # every step of a warm-up from 0 would repeat it
+            self._warned_nothing_moved = True
+            warnings.warn(
+                "FeatureSpeedProbe: optimizer.step() changed no parameter that has a gradient (lr = 0, as at the "
+                "start of a warm-up, or a step skipped by the loss scaler): no update to measure, stats marked "
+                "invalid (said once per probe).",
+                stacklevel=4,
             )
         elif not finite and not nothing_moved:
             warnings.warn(
