@@ -24,7 +24,9 @@ def _loss(model, x, y):
 def test_first_step_moves_only_the_head_by_the_polyak_step():
     model, x, y = _setup()
     rate = 0.05
-    opt = FSCOptimizer(model, torch.optim.SGD, rate=rate, lr=1.0, zero_init_head=True, capture_loss=False)
+    opt = FSCOptimizer(
+        model, torch.optim.SGD, rate=rate, lr=1.0, zero_init_head=True, capture_loss=False, balance="blocks"
+    )
     head = model.readout.linear.weight
     assert torch.count_nonzero(head) == 0
     others = {n: p.detach().clone() for n, p in model.named_parameters() if p is not head}
@@ -32,13 +34,15 @@ def test_first_step_moves_only_the_head_by_the_polyak_step():
     loss.backward()
     grad = head.grad.detach().clone()
     opt.step(loss=loss)
-    # η_L = rate · loss / ‖∇_L‖²: the head takes the whole target, as the only group with a gradient
-    eta = rate * loss.item() / float((grad**2).sum())
+    # the only group with a gradient moves by its own share of the target (rate · loss / 5 groups with
+    # balance="blocks"), so its first-step rate is the Polyak step η_L = share / ‖∇_L‖²
+    share = rate * loss.item() / len(opt.group_names)
+    eta = share / float((grad**2).sum())
     torch.testing.assert_close(head.detach(), -eta * grad, rtol=1e-12, atol=0)
     assert all(torch.equal(p, others[n]) for n, p in model.named_parameters() if p is not head)
     groups = opt.last_step.groups
     assert [n for n, g in groups.items() if g.active] == ["head"]
-    assert groups["head"].contribution == pytest.approx(rate * loss.item(), rel=1e-12)
+    assert groups["head"].contribution == pytest.approx(share, rel=1e-12)
     # second step: the backward pass reaches every group again
     opt.zero_grad()
     loss = _loss(model, x, y)
@@ -53,5 +57,5 @@ def test_default_leaves_the_head_alone_and_tied_heads_are_refused():
     FSCOptimizer(model, torch.optim.SGD, lr=1.0, capture_loss=False)
     assert torch.equal(model.readout.linear.weight, before)
     model.readout.linear.weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable head parameter"):
+    with pytest.raises(ValueError, match="zero_init_head needs a trainable readout weight"):
         FSCOptimizer(model, torch.optim.SGD, lr=1.0, zero_init_head=True, capture_loss=False)
