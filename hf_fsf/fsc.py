@@ -652,9 +652,11 @@ class FSCOptimizer(torch.optim.Optimizer):
         share = self._fractions(counted, renormalize=not (self.zero_init_head and k == 1)) * budget
         denominator = smoothed
         if feedback:
-            # The step's u over its smoothed value, all active groups together: the smoothing sets the total,
-            # each group's own u_g the split (exact), unless u_g is far below that level (a noisy small u_g).
-            level = torch.where(active, unit, 0.0).sum() / torch.where(active, smoothed, 0.0).sum().clamp(
+            # How far this step's u is above or below its smoothed level, all active groups together (a
+            # share-weighted mean of u_g/û_g, so rescaling one group's base step changes nothing): the smoothing
+            # sets the step's total, each group's own u_g its split (exact), unless u_g is far below that level.
+            weight = torch.where(active, share, 0.0)
+            level = (weight * torch.where(active, unit / smoothed, 0.0)).sum() / weight.sum().clamp(
                 min=1e-300
             )
             share = share * level
