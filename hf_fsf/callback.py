@@ -173,7 +173,9 @@ class FeatureSpeedCallback(TrainerCallback):
         angle = self.angle_every > 0 and step % self.angle_every == 0
         self._measuring = self.probe is not None and (step % self.every == 0 or angle)
         if self._measuring:
-            self._guard(self.probe.begin_step, angle=angle)
+            # A run that dies mid-step never finishes it: after this many model calls the probe drops it.
+            cap = 2 * args.gradient_accumulation_steps
+            self._guard(self.probe.begin_step, angle=angle, max_micro_batches=cap)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._measuring:

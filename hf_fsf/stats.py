@@ -60,6 +60,15 @@ def _float(value: object) -> float:
     return math.nan if number is None else number
 
 
+def _finite_or_none(value: object) -> object:
+    """NaN and ±inf (in a step marked invalid) as None, also inside a dict: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class StepStats:
     """Everything measured for one optimizer step.
@@ -127,8 +136,8 @@ class StepStats:
 
     def to_record(self) -> dict:
         """Nested, JSON-ready record: one line of fsf_stats.jsonl."""
-        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "blocks"}
-        record["blocks"] = [asdict(b) for b in self.blocks]
+        record = {f.name: _finite_or_none(getattr(self, f.name)) for f in fields(self) if f.name != "blocks"}
+        record["blocks"] = [{k: _finite_or_none(v) for k, v in asdict(b).items()} for b in self.blocks]
         return record
 
     @classmethod
