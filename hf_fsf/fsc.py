@@ -47,8 +47,9 @@ _TRUST_DECAY = 0.8
 _SHRINK_BELOW = 0.25
 _GROW_ABOVE = 0.5
 _MIN_SHRINK = 0.1
-_GROWTH = 1.05
+_GROWTH = 1.02
 _NOISE_SIGMAS = 2.0
+_BLOWUP = 0.5  # a loss up by half in one step backs off at once
 
 
 @dataclass
@@ -276,7 +277,10 @@ class _TrustRegion:
         self.count += 1
         # The realized decrease given the benefit of the loss noise: a back-off needs evidence beyond it.
         ratio = (self.realized + _NOISE_SIGMAS * math.sqrt(self.noise)) / self.predicted
-        if self.count >= 2 and self.seen >= 1 and ratio < _SHRINK_BELOW:
+        blowup = realized < -_BLOWUP * abs(previous)  # evidence enough on its own, before any noise estimate
+        if blowup:
+            ratio = min(ratio, realized / predicted)
+        if blowup or (self.count >= 2 and self.seen >= 1 and ratio < _SHRINK_BELOW):
             shrink = max(_MIN_SHRINK, 1.0 / (2.0 * (1.0 - ratio)))
             self.factor *= shrink
             self.realized, self.predicted, self.count = 0.0, 0.0, 0
@@ -308,7 +312,7 @@ class FSCOptimizer(torch.optim.Optimizer):
       - Trust region (trust_region=True): each step's loss is compared with the previous one; when the loss fell
         by less than a quarter of the first-order decrease the recent steps targeted (decayed sums, beyond the
         step-to-step loss noise), or rose, τ shrinks to 1/(2(1 − realized/targeted)) of itself (the step a
-        quadratic loss along the step prefers; ≥ 0.1×), then grows back by 5 % per step while the loss falls by
+        quadratic loss along the step prefers; ≥ 0.1×; at once when the loss rose by half in one step), then grows back by 2 % per step while the loss falls by
         more than half the target. A warning says when it first backs off; `last_step.trust` is τ.
       - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the head group:
         the head stage is the readout path (the tied weight and what follows the blocks, e.g. the final norm), the
