@@ -6,8 +6,9 @@ loss by prescribed amounts that add up to a target (`rate` × loss by default).
 
 The step is written for accelerators, where a step is bound by how many kernels the host launches and how often it
 waits for the device: work is batched per group (`torch._foreach_*`, one flattened reduction per group), the scales
-are computed on the device for all groups at once, and the step reads the device once (the loss and whether every
-gradient is finite, which decides whether the base may step at all). The record of the step (`last_step`) stays
+are computed on the device for all groups at once, and the step reads the device once (the loss, whether every
+gradient is finite, which decides whether the base may step at all, and the previous step's applied first-order
+decrease, which the trust region compares with the loss change). The record of the step (`last_step`) stays
 on the device until it is read.
 """
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from hf_fsf.control import FSCOptimizer, FSCOptimizerFactory
 from hf_fsf.data import TeacherStream, load_text_dataset
+from hf_fsf.fsc import DEFAULT_BASE_DEPTH
 from hf_fsf.models import ResNet, small_gpt2
 
 RATE = 0.03
@@ -42,7 +43,8 @@ def _expected_shares(names: list[str], balance: str) -> dict[str, float]:
     if balance == "blocks":
         return dict.fromkeys(names, 1 / len(names))
     blocks = [n for n in names if n not in ("stem", "head")]
-    return {n: 1 / 3 if n in ("stem", "head") else 1 / (3 * len(blocks)) for n in names}
+    n0 = DEFAULT_BASE_DEPTH  # stem : trunk : head = 1 : n0 : 1
+    return {n: 1 / (n0 + 2) if n in ("stem", "head") else n0 / ((n0 + 2) * len(blocks)) for n in names}
 
 
 def check_contributions(quick: bool) -> float:

@@ -230,3 +230,18 @@ def test_a_dropped_optimizer_leaves_no_hook_on_the_model():
     closed = FSCOptimizer(model)
     closed.close()
     assert len(model._forward_hooks) == 0
+
+
+def test_measure_step_hands_its_loss_to_fsc():
+    """probe.measure_step(loss_fn, fsc) on a model without `.loss`: FSC targets rate × the loss the probe computed."""
+    from hf_fsf import FeatureSpeedProbe
+
+    torch.manual_seed(0)
+    model = _ResidualMLP().double()
+    x, y = _regression()
+    opt = FSCOptimizer(model, base=torch.optim.AdamW, rate=0.05, lr=1e-3, ema_beta=0.0)
+    with FeatureSpeedProbe(model) as probe:
+        for _ in range(2):
+            stats = probe.measure_step(lambda: ((model(x) - y) ** 2).mean(), opt, angle=False)
+            assert opt.last_step.loss == pytest.approx(stats.loss, rel=1e-12)
+            assert opt.last_step.target == pytest.approx(0.05 * stats.loss, rel=1e-9)
