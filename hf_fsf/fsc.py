@@ -388,7 +388,9 @@ class FSCOptimizer(torch.optim.Optimizer):
     ) -> None:
         _check_settings(rate, target, balance, base_depth, ema_beta, max_scale, warmup_steps, base_kwargs)
         model, options = _model_and_options(model_or_params, model)
-        trainer = calling_trainer()  # built by the HF Trainer: TrainingArguments fill in what is not given
+        trainer = calling_trainer(
+            "create_optimizer"
+        )  # built by the HF Trainer: TrainingArguments fill in what is not given
         if trainer is not None and options is None:
             rate = trainer_rate(trainer.args, rate, DEFAULT_RATE)
             base_kwargs, options = trainer_base_settings(trainer, model, base, base_kwargs)
@@ -449,7 +451,7 @@ class FSCOptimizer(torch.optim.Optimizer):
     def train(self) -> None:
         """Called by the HF Trainer at the start of every training step (its hook for schedule-free optimizers):
         from then on this step's loss is the one the Trainer back-propagates. Outside a Trainer: nothing."""
-        trainer = calling_trainer()
+        trainer = calling_trainer("training_step")
         if trainer is not None:
             attach_loss_route(trainer, self.loss_tracker)
 

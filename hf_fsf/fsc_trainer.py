@@ -39,8 +39,9 @@ _FRAMES = (
 # through one or two wrappers (FSCOptimizerFactory.__call__, accelerate's AcceleratedOptimizer.train)
 
 
-def calling_trainer() -> Any | None:
-    """The transformers.Trainer whose method is on the stack within a few frames (None outside a Trainer)."""
+def calling_trainer(method: str) -> Any | None:
+    """The transformers.Trainer whose method `method` (e.g. "create_optimizer") is on the stack within a few frames,
+    None otherwise (an optimizer built elsewhere during training, e.g. by a callback, is not the Trainer's)."""
     transformers = sys.modules.get("transformers")
     trainer_cls = getattr(transformers, "Trainer", None) if transformers is not None else None
     if trainer_cls is None:
@@ -51,7 +52,7 @@ def calling_trainer() -> Any | None:
             return None
         owner = frame.f_locals.get("self")
         if isinstance(owner, trainer_cls):
-            return owner
+            return owner if frame.f_code.co_name == method else None
         frame = frame.f_back
     return None
 
