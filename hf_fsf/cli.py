@@ -17,8 +17,8 @@ COMMANDS = {
         "train a small GPT-2 LM (standard, β = 1/√L, β = 1/√L with FSC control) and write a report",
     ),
     "reproduce": (
-        "hf_fsf.experiments.paper",
-        "reproduce Fig. 1 and Fig. 2 of the paper (angles, sensitivities)",
+        "hf_fsf.experiments.reproduce",
+        "reproduce Fig. 1 and Fig. 2 of the paper (angles, sensitivities) and the backward speed law",
     ),
     "report": ("hf_fsf.report", "turn an fsf_stats.jsonl file into figures and a markdown table"),
     "scan": (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hf_fsf.cli import main as hf_fsf_main
-from hf_fsf.experiments import paper
+from hf_fsf.experiments import paper, reproduce
 from hf_fsf.experiments.paper import (
     ReproConfig,
     local_slopes,
@@ -135,9 +135,9 @@ def test_cli_runs_and_validates(tmp_path, monkeypatch):
     assert hf_fsf_main(["reproduce", "--out", str(tmp_path), "--quick", "--seeds", "1"]) == 0
     assert seen[0].seeds == 1 and seen[0].depths == (4, 32)
     with pytest.raises(SystemExit):
-        paper.cli_main(["--out", str(tmp_path), "--seeds", "0"])
+        reproduce.cli_main(["--out", str(tmp_path), "--seeds", "0"])
     with pytest.raises(SystemExit):
-        paper.cli_main([])
+        reproduce.cli_main([])
     with pytest.raises(ValueError, match="depths must be ≥ 4"):
         ReproConfig(depths=(3, 8))
     with pytest.raises(ValueError, match="depths must be ≥ 4"):

@@ -1,4 +1,4 @@
-"""Reproduce Fig. 1 and Fig. 2 of the paper and the backward speed law: `hf-fsf reproduce --out DIR [--quick]`.
+"""Reproduce Fig. 1 and Fig. 2 of the paper and the backward speed law (the command line: experiments/reproduce.py).
 
 Setting (PAPER.md §5): input dim 10, one output, first layer frozen, one GD step at init, each layer's rate =
 master step × its η (models.py), float64. Two settings, named in the CSVs (`setting`):
@@ -31,7 +31,6 @@ like √L, and S_FSC ≈ √2/a is Θ(1) (≈ 1 when a ≈ √2).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import time
@@ -649,22 +648,3 @@ def _backward_section(result: Reproduction, cfg: ReproConfig) -> list[str]:
             "",
         ]
     return lines
-
-
-def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hf-fsf reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (CSVs, PNGs, summary.md)")
-    parser.add_argument("--quick", action="store_true", help="smaller grid (depth ≤ 64): about a minute")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds to average over (default 5, quick: 2)")
-    args = parser.parse_args(argv)
-    if args.seeds is not None and args.seeds < 1:
-        parser.error("--seeds must be ≥ 1")
-    cfg = ReproConfig.quick() if args.quick else ReproConfig.full()
-    if args.seeds is not None:
-        cfg.seeds = args.seeds
-    result = run_reproduction(cfg, args.out)
-    print(f"wrote {len(result.files)} files to {args.out} in {result.seconds:.0f} s:")
-    for path in result.files:
-        print(f"  {path}")
-    print(Path(args.out, "summary.md").read_text())
-    return 0
