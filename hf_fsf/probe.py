@@ -34,6 +34,15 @@ from torch import nn
 from hf_fsf.distributed import cuda_rng_devices, world_size
 from hf_fsf.formula import BlockSums, block_fields
 from hf_fsf.layout import HEAD, STEM, BlockLayout, block_output, find_blocks, unwrap_model
+from hf_fsf.sharding import (
+    after_backward,
+    fsdp_owner,
+    is_sharded,
+    local,
+    refuse_deepspeed,
+    registered_layout,
+    unsharded,
+)
 from hf_fsf.stats import BlockStats, StepStats
 
 __all__ = ["BlockStats", "FeatureSpeedProbe", "StepStats"]
@@ -101,7 +110,8 @@ class _Slots:
 
     Per block: ‖f‖², ‖b‖², ‖δf‖², ⟨δf, b⟩, entries of f; per tied parameter: the stem's ⟨δ(stem output), b⟩; the
     loss. Per parameter group: ⟨g, w⟩ before and after the step, ‖g‖²; the Gram matrix of the reference gradients
-    (backward, final).
+    (backward, final). The per-group sums and the Gram matrix have a twin among the per-rank sums, for parameters
+    sharded over ranks (FSDP2): sums over this rank's shards, summed over ranks, folded into the others (`fold`).
     """
 
     def __init__(self, blocks: int, tied: int, groups: int) -> None:
@@ -109,10 +119,22 @@ class _Slots:
         self.tied = 4 * blocks
         self.loss = self.tied + tied
         self.numel = self.loss + 1
-        self.local = self.numel + blocks
+        self.sharded = self.numel + blocks
+        self.local = self.sharded + 3 * groups + 4
         self.dot_before, self.dot_after, self.grad_sq = (self.local + i * groups for i in range(3))
         self.gram = self.local + 3 * groups
         self.size = self.gram + 4
+        self.groups = groups
+
+    def of(self, first: int, key: int) -> int:
+        """The slot of group `key` among the per-group sums starting at `first` (dot_before, dot_after, grad_sq);
+        key = groups + group: the sharded twin of that slot."""
+        return first + key if key < self.groups else first - self.local + self.sharded + key - self.groups
+
+    def fold(self, values: list[float]) -> None:
+        """Adds the sharded twins into the per-group sums and the Gram matrix (host floats, after the reduction)."""
+        for i in range(self.size - self.local):
+            values[self.local + i] += values[self.sharded + i]
 
 
 @dataclass
@@ -127,6 +149,7 @@ class _MicroBatch:
     seen: set[int] = field(default_factory=set)  # blocks captured (gradient checkpointing re-runs them)
     last: int = -1  # the last block captured: blocks run in the order of the layout
     hooked: set[int] = field(default_factory=set)  # blocks whose output gradient is being captured
+    references_queued: bool = False  # FSDP2: the reference gradients are copied when the backward pass ends
     tied: dict[int, tuple[tuple, dict, torch.Tensor]] = field(
         default_factory=dict
     )  # inputs, output of tied stem
@@ -299,12 +322,13 @@ class _Chunk:
 
 def _chunks(params: list[tuple[int, nn.Parameter]], limit: int) -> list[_Chunk]:
     """(group, parameter) pairs with a dense gradient, in chunks of about `limit` elements on one device; a
-    parameter larger than `limit` is cut into flat pieces."""
+    parameter larger than `limit` is cut into flat pieces. A sharded parameter (DTensor) gives its local shard."""
     chunks, chunk = [], _Chunk()
     for group, param in params:
         grad = param.grad
         if grad is None or grad.is_sparse:
             continue
+        grad, param = local(grad), local(param)
         pieces = [(grad, param)]
         if param.numel() > limit:
             pieces = list(zip(grad.reshape(-1).split(limit), param.reshape(-1).split(limit)))
@@ -341,8 +365,10 @@ class FeatureSpeedProbe:
         example_inputs: object = None,
         trace: bool = True,
     ) -> None:
+        refuse_deepspeed(model)
         self.model = unwrap_model(model)
-        self.layout: BlockLayout = find_blocks(self.model, blocks, example_inputs=example_inputs, trace=trace)
+        layout = find_blocks(self.model, blocks, example_inputs=example_inputs, trace=trace)
+        self.layout: BlockLayout = registered_layout(self.model, layout)
         self.strict = strict
         self.grad_average = grad_average
         self._step: _Step | None = None
@@ -354,7 +380,15 @@ class FeatureSpeedProbe:
         self._chunk = _CHUNK_CUDA if self.device.type == "cuda" else _CHUNK_CPU
         self._cuda_devices = cuda_rng_devices(self.model)
         self._groups = self.layout.parameter_groups(tied="own")
-        self._params = [(g, p) for g, params in enumerate(self._groups.values()) for p in params]
+        # Sums over a sharded parameter go to the sharded twin of its group's slot (see _Slots.of).
+        groups = len(self._groups)
+        self._params = [
+            (g + groups * is_sharded(p), p) for g, params in enumerate(self._groups.values()) for p in params
+        ]
+        self._sharded = any(key >= groups for key, _ in self._params)
+        self._tied_owners = [
+            fsdp_owner(tied.stem_module, self.model) if self._sharded else None for tied in self.layout.tied
+        ]
         self._slots = _Slots(len(self.layout.blocks), len(self.layout.tied), len(self._groups))
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -547,7 +581,12 @@ class FeatureSpeedProbe:
     def _reference_parameters(self) -> list[nn.Parameter]:
         """A few small parameters whose gradients are also taken in the backward pass, before any clipping."""
         chosen, total = [], 0
-        for param in sorted((p for p in self.model.parameters() if p.requires_grad), key=lambda p: p.numel()):
+        # Under FSDP2 the gradients of sharded parameters are read at the end of the backward pass (see
+        # _copy_sharded_references): the references are all sharded or all plain.
+        candidates = [
+            p for p in self.model.parameters() if p.requires_grad and is_sharded(p) == self._sharded
+        ]
+        for param in sorted(candidates, key=lambda p: p.numel()):
             if chosen and (total + param.numel() > _REFERENCE_NUMEL or len(chosen) == _REFERENCE_COUNT):
                 break
             chosen.append(param)
@@ -684,6 +723,9 @@ class FeatureSpeedProbe:
 
     @_guarded
     def _on_block_backward(self, step: _Step, micro: _MicroBatch, index: int, grad: torch.Tensor) -> None:
+        if self._sharded and not micro.references_queued:
+            micro.references_queued = True
+            after_backward(functools.partial(self._copy_sharded_references, step))
         step.add_norm(_norm(grad), self._slots.backward + index)
         if step.angle:
             micro.backwards[index] = grad.detach().clone()
@@ -750,6 +792,9 @@ class FeatureSpeedProbe:
         much the gradients were rescaled (clipping) between the backward pass and the step (_gradient_scale)."""
         if not self._reference:
             return
+        if self._sharded:
+            self._sharded_reference_gram(step)
+            return
         # Every rank reduces the same fixed-length buffer (zeros where a reference got no gradient locally), so
         # the collective matches even when some parameter is unused on one rank.
         seen = [
@@ -765,6 +810,31 @@ class FeatureSpeedProbe:
                 both[0] /= world
         step.add_rows((both @ both.T).reshape(-1), list(range(self._slots.gram, self._slots.gram + 4)))
 
+    def _sharded_reference_gram(self, step: _Step) -> None:
+        """Under FSDP2 both sides are this rank's shards of reduced gradients (copied when the backward pass ended,
+        and in .grad): the Gram matrix is the sum over ranks of the shards' Gram matrices."""
+        seen = [
+            (
+                t if t is not None else torch.zeros(local(p).shape, dtype=torch.float64, device=self.device)
+            ).reshape(-1)
+            for t, p in zip(step.reference, self._reference)
+        ]
+        final = [
+            (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1)
+            for p in self._reference
+        ]
+        both = torch.cat([t.to(self.device, torch.float64) for t in (*seen, *final)]).view(2, -1)
+        first = self._slots.gram - self._slots.local + self._slots.sharded
+        step.add_rows((both @ both.T).reshape(-1), list(range(first, first + 4)))
+
+    @_guarded
+    def _copy_sharded_references(self, step: _Step) -> None:
+        """At the end of a backward pass under FSDP2 (the hooks on sharded parameters never fire: FSDP computes with
+        gathered copies and writes .grad itself): the reference gradients as reduced, before the loop clips them."""
+        for index, param in enumerate(self._reference):
+            if param.grad is not None:
+                step.reference[index] = local(param.grad).detach().to(torch.float64, copy=True)
+
     @torch.no_grad()
     def _inner_products(self, step: _Step, before: bool) -> None:
         """⟨g, w⟩ per parameter group (and ‖g‖² before the step), a few batched ops per chunk of parameters.
@@ -777,8 +847,8 @@ class FeatureSpeedProbe:
         for chunk in _chunks(self._params, self._chunk):
             if before:  # a norm is not a cancelling difference: float32 accumulation is enough
                 dtype = None if all(g.dtype in _WIDE for g in chunk.grads) else torch.float32
-                for norm, group in zip(torch._foreach_norm(chunk.grads, 2, dtype=dtype), chunk.groups):
-                    step.add_norm(norm, self._slots.grad_sq + group)
+                for norm, key in zip(torch._foreach_norm(chunk.grads, 2, dtype=dtype), chunk.groups):
+                    step.add_norm(norm, self._slots.of(self._slots.grad_sq, key))
             products = torch._foreach_mul(_widened(chunk.grads), _widened(chunk.params))
             parts = []
             for product, pad in zip(products, chunk.pads):
@@ -786,7 +856,9 @@ class FeatureSpeedProbe:
                 if pad:
                     parts.append(self._padding(pad, product.dtype, product.device))
             rows = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(-1, _ROW)
-            step.add_rows(rows.sum(1, dtype=torch.float64), [first + g for g in chunk.row_groups])
+            step.add_rows(
+                rows.sum(1, dtype=torch.float64), [self._slots.of(first, k) for k in chunk.row_groups]
+            )
 
     def _padding(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         zeros = self._zeros.get((dtype, device))
@@ -809,7 +881,8 @@ class FeatureSpeedProbe:
                     if index not in micro.tied or index not in micro.tied_backwards:
                         continue
                     args, kwargs, before = micro.tied[index]
-                    after = block_output(tied.stem_module(*args, **kwargs))
+                    with unsharded(self._tied_owners[index]):
+                        after = block_output(tied.stem_module(*args, **kwargs))
                     delta = _as_float(after) - _as_float(before)
                     step.add_sum(_dot(delta, micro.tied_backwards[index]), self._slots.tied + index)
         finally:
@@ -923,6 +996,8 @@ class FeatureSpeedProbe:
         """StepStats from the step's vector of sums (see _Slots); every check here is on host numbers."""
         s, n, world = self._slots, len(self.layout.blocks), world_size()
         b_scale = 1.0 / world if (world > 1 and self.grad_average) else 1.0
+        if self._sharded:
+            s.fold(values)
         scale, not_rescaling = _gradient_scale(values[s.gram : s.gram + 4])
         if not_rescaling:
             warnings.warn(
