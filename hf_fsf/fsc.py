@@ -304,17 +304,22 @@ class FSCOptimizer(torch.optim.Optimizer):
       - Shares, balance="stages" (default): the stem, the trunk (all blocks) and the head get the shares
         1 : n₀ : 1 of T, n₀ = `base_depth` (default 4), i.e. the paper's per-block shares at depth n₀, held fixed at
         every depth; the trunk's share is split equally over its blocks. balance="blocks" (the paper's rule C,
-        Eq. 8): every group gets T/n for n groups, so the stem and head get 1/(n+2) of T at n blocks. Groups
-        without a descent step (u_g ≤ 0, e.g. no gradient) are inactive: not moved, their share goes to the
-        others (within the trunk to its other blocks; a stage with no active group drops out).
-      - Error feedback (ema_beta > 0, default 0.9): û_g lags u_g, so t_g = share_g·T plus what the group fell short
-        of its shares before (bounded: 0 ≤ t_g ≤ 3·share_g·T), and contributions summed over a few steps keep
-        their shares. ema_beta=0: t_g = share_g·T and û_g = u_g, exact at every step.
-      - Trust region (trust_region=True): each step's loss is compared with the previous one; when the loss fell
-        by less than a quarter of the first-order decrease the recent steps targeted (decayed sums, beyond the
-        step-to-step loss noise), or rose, τ shrinks to 1/(2(1 − realized/targeted)) of itself (the step a
-        quadratic loss along the step prefers; ≥ 0.1×; at once when the loss rose by half in one step), then grows back by 2 % per step while the loss falls by
-        more than half the target. A warning says when it first backs off; `last_step.trust` is τ.
+        Eq. 8): every group gets T/n for n groups, so the stem and head get 1/(n+2) of T at n blocks. A group
+        without a descent step (u_g ≤ 0) is inactive: not moved (scale 0). A group without gradient (u_g = 0)
+        gives its share to the others (within the trunk to its other blocks; a stage with no active group drops
+        out); so does a group with u_g < 0 when ema_beta = 0, while with ema_beta > 0 it owes its share (below).
+      - Smoothing (ema_beta > 0, default 0.9): ρ = the shares-weighted mean over active groups of u_g / EMA(u_g)
+        says how far this step's u is above or below its recent level; the step's total is ρ·T (smooth) and its
+        split is exact: t_g = ρ·share_g·T, s_g = t_g / max(u_g, ¼·ρ·EMA(u_g)) (the floor stops a u_g that is
+        small by chance from getting a huge step). Error feedback: what a group fell short of (floored, or u_g < 0)
+        is added to its next targets, within 0 ≤ t_g ≤ 3·ρ·share_g·T, so every few steps' contributions keep
+        their shares. ema_beta = 0: t_g = share_g·T, s_g = t_g / u_g, exact at every step.
+      - Trust region (trust_region=True): each step's loss is compared with the previous one. When the loss fell
+        by less than a quarter of the first-order decrease the recent steps targeted (decayed sums, given the
+        benefit of twice the loss's step-to-step noise), or rose, τ shrinks to 1/(2(1 − realized/targeted)) of
+        itself (the step a quadratic loss along the step prefers, at least 0.1×; at once when the loss rose by
+        half in one step); it grows back by 2 % per step while the loss falls by more than half the target.
+        A warning says when it first backs off; `last_step.trust` is τ.
       - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the head group:
         the head stage is the readout path (the tied weight and what follows the blocks, e.g. the final norm), the
         stem what only the input reads (e.g. position embeddings).
@@ -337,9 +342,9 @@ class FSCOptimizer(torch.optim.Optimizer):
       blocks: as for `hf_fsf.find_blocks`: None (auto-detect), block names or modules, or a BlockLayout (find the
         layout once and pass it to every consumer).
       balance, base_depth: the shares, above. base_depth only with balance="stages" (None: 4).
-      ema_beta: smoothing of u_g across steps (0 = off: exact balance at every step). The scale uses the
-        bias-corrected EMA of u_g: exact per-step balance divides by a noisy u_g (mini-batches, Adam's early
-        steps), so a batch whose u_g happens to be small gets a very large step.
+      ema_beta: smoothing of u_g across steps, above (0 = off: exact balance at every step; the EMA is
+        bias-corrected). Exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), so a
+        batch whose u_g happens to be small gets a very large step.
       max_scale: bound on s_g, i.e. on the FSC step relative to the base optimizer's own step (None = off, the
         default, since its meaning depends on the base lr). A bounded group is flagged `clipped` and contributes
         less than its target (the shortfall is not moved to other groups, nor carried over).
