@@ -41,16 +41,18 @@ TIED_GROUP = HEAD  # a parameter tied between stem and head (tied embeddings) is
 _CATCH_UP = 3.0
 _FLOOR = 0.25
 # Trust region: the realized loss decrease over the recent steps against the first-order decrease they targeted
-# (sums decayed by _TRUST_DECAY per step). Below _SHRINK_BELOW of it, beyond the loss noise, the trust factor that
-# multiplies every target shrinks to the step the quadratic model of the loss along the step prefers,
-# 1 / (2 (1 − ratio)) of it (at least _MIN_SHRINK); above _GROW_ABOVE it grows back by _GROWTH per step up to 1.
+# (sums decayed by _TRUST_DECAY per step). Below _SHRINK_BELOW of it (0: the loss rose), beyond the loss noise, the
+# trust factor that multiplies every target shrinks to the step the quadratic model of the loss along the step
+# prefers, 1 / (2 (1 − ratio)) of it (at least _MIN_SHRINK); above _GROW_ABOVE it grows back by _GROWTH per step
+# up to 1. A positive threshold would back off for good in the noisy-gradient regime, where a step's realized
+# decrease on the next batch is a small fraction of its first-order one at any step size.
 _TRUST_DECAY = 0.8
-_SHRINK_BELOW = 0.25
+_SHRINK_BELOW = 0.0
 _GROW_ABOVE = 0.5
 _MIN_SHRINK = 0.1
 _GROWTH = 1.02
 _NOISE_SIGMAS = 2.0
-_BLOWUP = 0.5  # a loss up by half in one step backs off at once
+_BLOWUP = 0.5  # a loss up by half in one of the first steps backs off at once
 
 
 @dataclass
@@ -278,7 +280,8 @@ class _TrustRegion:
         self.count += 1
         # The realized decrease given the benefit of the loss noise: a back-off needs evidence beyond it.
         ratio = (self.realized + _NOISE_SIGMAS * math.sqrt(self.noise)) / self.predicted
-        blowup = realized < -_BLOWUP * abs(previous)  # evidence enough on its own, before any noise estimate
+        # Before there is a noise estimate (the first steps), a loss up by half in one step is evidence enough.
+        blowup = self.seen == 0 and realized < -_BLOWUP * abs(previous)
         if blowup:
             ratio = min(ratio, realized / predicted)
         if blowup or (self.count >= 2 and self.seen >= 1 and ratio < _SHRINK_BELOW):
@@ -314,11 +317,13 @@ class FSCOptimizer(torch.optim.Optimizer):
         small by chance from getting a huge step). Error feedback: what a group fell short of (floored, or u_g < 0)
         is added to its next targets, within 0 ≤ t_g ≤ 3·ρ·share_g·T, so every few steps' contributions keep
         their shares. ema_beta = 0: t_g = share_g·T, s_g = t_g / u_g, exact at every step.
-      - Trust region (trust_region=True): each step's loss is compared with the previous one. When the loss fell
-        by less than a quarter of the first-order decrease the recent steps targeted (decayed sums, given the
-        benefit of twice the loss's step-to-step noise), or rose, τ shrinks to 1/(2(1 − realized/targeted)) of
-        itself (the step a quadratic loss along the step prefers, at least 0.1×; at once when the loss rose by
-        half in one step); it grows back by 2 % per step while the loss falls by more than half the target.
+      - Trust region (trust_region=True): each step's loss is compared with the previous one. When the loss rose
+        over the recent steps while they targeted a decrease (decayed sums of the realized and the targeted
+        first-order decreases; the realized one given the benefit of twice the loss's step-to-step noise, so
+        mini-batch noise and a realized decrease far below the first-order one, usual with noisy gradients, do not
+        count), τ shrinks to 1/(2(1 − realized/targeted)) of itself (the step a quadratic loss along the step
+        prefers, at most 0.5×, at least 0.1×; at once when the loss rose by half in one of the first steps, before
+        the noise is known); it grows back by 2 % per step while the loss falls by more than half the target.
         A warning says when it first backs off; `last_step.trust` is τ.
       - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the head group:
         the head stage is the readout path (the tied weight and what follows the blocks, e.g. the final norm), the
