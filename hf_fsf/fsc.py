@@ -61,12 +61,14 @@ class GroupStep:
 
     unit_contribution: float  # u_g = −⟨∇_g loss, δw_g⟩ of the base optimizer's own step (scale 1)
     smoothed_unit: float | None  # the (EMA) estimate of u_g the scale was computed from; None when inactive
-    target: float  # the first-order loss decrease FSC aimed at for this group
+    target: float  # the rule's first-order loss decrease for this group: share × the step's target
     scale: float  # s_g: the applied update is s_g × the base update
     contribution: float  # s_g × u_g: the first-order loss decrease actually applied
     active: bool  # False: zero/non-descent base update, excluded from the count, not moved (scale 0)
     clipped: bool  # True when max_scale bounded the scale
-    share: float  # the group's share of the step's target, before error feedback
+    share: (
+        float  # the group's fraction of the step's target (the balance rule; the active groups' add up to 1)
+    )
 
 
 # The rows of FSCStepRecord's device tensor, in GroupStep's field order.
@@ -666,7 +668,8 @@ class FSCOptimizer(torch.optim.Optimizer):
         # it (it catches up later); a group without gradient (u_g = 0) gives its share to the others.
         counted = active | (unit.isfinite() & (unit < 0)) if feedback else active
         # zero_init_head: the first step moves only the head, by its own share (upstream has no gradient yet).
-        share = self._fractions(counted, renormalize=not (self.zero_init_head and k == 1)) * budget
+        fraction = self._fractions(counted, renormalize=not (self.zero_init_head and k == 1))
+        share = nominal = fraction * budget
         denominator = smoothed
         if feedback:
             # How far this step's u is above or below its smoothed level, all active groups together (a
@@ -697,7 +700,8 @@ class FSCOptimizer(torch.optim.Optimizer):
             )
             self._debt = torch.where(counted & ~clipped, carried, debt)
         self._predicted = contribution.sum()
-        rows = [unit, smoothed, target, scale, contribution, active, clipped, share]
+        # Recorded: the rule's targets; with smoothing the applied contributions differ by the level and feedback.
+        rows = [unit, smoothed, nominal, scale, contribution, active, clipped, fraction]
         values = torch.stack([r.to(torch.float64) for r in rows])
         self.last_step = FSCStepRecord(
             k, loss_value, names=self.group_names, values=values, trust=self.trust.factor
