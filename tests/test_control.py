@@ -95,14 +95,14 @@ def test_contributions_are_balanced_and_sum_to_rate_times_loss(base):
 
 
 @pytest.mark.parametrize("base", ["momentum", "adamw"])
-@pytest.mark.parametrize("base_depth", [None, 1, 12])
+@pytest.mark.parametrize("base_depth", [None, 4, 12])
 def test_stage_shares_are_the_per_block_shares_at_the_base_depth(base, base_depth):
     """balance="stages" (the default): stem : trunk : head = 1 : n₀ : 1, the trunk split equally over its 5 blocks."""
     cls, kwargs = BASES[base]
     model = _resnet()
     x, y = _data()
     opt = FSCOptimizer(model, base=cls, rate=RATE, base_depth=base_depth, ema_beta=0.0, **kwargs)
-    n0 = 4 if base_depth is None else base_depth  # the documented default
+    n0 = 1 if base_depth is None else base_depth  # the documented default
     n_blocks = len(model.blocks)
     for _ in range(3):
         loss, contrib = _step_and_measure(model, opt, x, y)

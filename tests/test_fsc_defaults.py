@@ -89,8 +89,8 @@ def test_every_window_of_20_steps_keeps_the_shares_with_the_defaults(base):
     model = _ResidualMLP().double()
     opt = FSCOptimizer(model, base=cls, **kwargs)  # every FSC default
     losses, contributions = _train(model, opt, *_regression(), steps=60)
-    # The documented default: stem : trunk : head = 1 : 4 : 1, the trunk split equally over its 6 blocks.
-    shares = {n: (1 / 6 if n in ("stem", "head") else 4 / 6 / DEPTH) for n in contributions[0]}
+    # The documented default: stem : trunk : head = 1 : 1 : 1, the trunk split equally over its 6 blocks.
+    shares = {n: (1 / 3 if n in ("stem", "head") else 1 / 3 / DEPTH) for n in contributions[0]}
     worst = 1.0
     for start in range(0, 60 - 20 + 1):
         window = {n: sum(c[n] for c in contributions[start : start + 20]) for n in shares}
@@ -208,7 +208,7 @@ def test_zero_init_head_gives_the_head_its_share_on_the_first_step():
     x, y = _regression()
     losses, contributions = _train(model, opt, x, y, steps=2)
     first = contributions[0]
-    assert first["head"] == pytest.approx(0.05 * losses[0] / 6, rel=1e-6)  # the head's own share, 1/(4+2)
+    assert first["head"] == pytest.approx(0.05 * losses[0] / 3, rel=1e-6)  # the head's own share, 1/(1+2)
     assert all(first[n] == 0.0 for n in first if n != "head")  # nothing upstream has a gradient yet
     assert all(contributions[1][n] > 0 for n in first)  # the readout moved: every group learns from step 2
 
