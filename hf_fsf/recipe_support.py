@@ -43,7 +43,8 @@ class FeatureSpeedArguments:
         default=False,
         metadata={
             "help": "Train with FSCOptimizer (balanced per-block steps, PAPER.md §6) over AdamW, which takes the "
-            "Trainer's learning_rate, adam_beta1/2, adam_epsilon and weight_decay (on every parameter)."
+            "Trainer's learning_rate (as its own step size), adam_beta1/2, adam_epsilon and weight_decay (on the "
+            "parameters the Trainer decays)."
         },
     )
     fsc_rate: float = field(

@@ -16,7 +16,7 @@ from hf_fsf.control import (
     get_output_scale,
     set_output_scale,
 )
-from hf_fsf.models import ReLUMLP, ResNet, dense_inputs
+from hf_fsf.models import ReLUMLP, ResNet, dense_inputs, small_gpt2
 
 RATE = 0.05
 BASES = {
@@ -326,11 +326,8 @@ def test_short_training_run_decreases_the_loss(base):
 
 
 def _tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config)
+    # GPT2Config's default dropout (0.1 everywhere, attention included)
+    return small_gpt2(2, 16, heads=2, block_size=16, vocab_size=64, dropout=0.1, attn_pdrop=0.1, seed=seed)
 
 
 def _token_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

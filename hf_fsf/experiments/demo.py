@@ -53,11 +53,10 @@ def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, 
     callback = FeatureSpeedCallback(every=1, angle_every=args.angle_every)
     optimizers = (None, None)
     if fsc:
-        # AdamW (same lr and weight decay as the other runs) gives the direction; FSC rescales each block's step
-        # so that every block removes the same share of the loss, `--fsc-rate` × loss per step in total. The
-        # Trainer's warm-up + cosine schedule scales that rate. max_scale bounds the rescale to 10x AdamW's step.
-        # Rate sweep on this config, 100 steps, held-out nats/byte: 0.01 → 2.778, 0.03 → 2.588, 0.05 → 2.634;
-        # 0.1 → a loss bump at step 30 and train loss 3.18 at step 50 (0.03: 2.79), stopped there. AdamW: 2.629.
+        # AdamW (same lr and weight decay as the other runs) gives the direction; FSC rescales each group's step
+        # so that stem, trunk and head remove fixed shares of the loss, `--fsc-rate` × loss per step in total (its
+        # defaults: hf_fsf/fsc.py). The Trainer's warm-up + cosine schedule scales that rate; max_scale bounds the
+        # rescale to 10x AdamW's step.
         optimizers = (
             FSCOptimizer(
                 model,
