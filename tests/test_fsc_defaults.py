@@ -169,14 +169,14 @@ def test_the_trust_region_leaves_a_good_rate_alone():
     assert opt.trust.factor == 1.0
 
 
-def test_a_tiny_gpt2_at_rate_one_with_the_defaults_does_not_diverge_silently():
+def test_a_tiny_gpt2_at_rate_one_with_the_trust_region_does_not_diverge_silently():
     from hf_fsf.data import stdlib_corpus
     from hf_fsf.models import small_gpt2
 
     train, _ = stdlib_corpus(max_bytes=100_000)
     ids = torch.frombuffer(bytearray(train), dtype=torch.uint8).long()
     model = small_gpt2(2, 32, block_size=16, seed=0)
-    opt = FSCOptimizer(model, rate=1.0)
+    opt = FSCOptimizer(model, rate=1.0, trust_region=True)
     g = torch.Generator().manual_seed(0)
     losses = []
     with warnings.catch_warnings(record=True) as caught:

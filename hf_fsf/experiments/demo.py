@@ -65,9 +65,9 @@ def train_one(name: str, beta: str | None, fsc: bool, args: argparse.Namespace, 
                 lr=args.lr,
                 weight_decay=0.1,
                 max_scale=10.0,
-                # Measured on this run (held-out nats/byte): with FSC's trust region (on by default) 3.90: it misreads
-                # the noisy per-batch losses as a blow-up and shrinks the target until training stalls. Off here
-                # until that is fixed (issue 12); the per-block rule (balance="blocks") gave 2.99, the default 2.87.
+                # Measured on this run (held-out nats/byte): with FSC's trust region on 3.90 (it misreads the noisy
+                # per-batch losses as a blow-up and stalls training), 2.87 without it (the default, stated here so
+                # that the demo stays what the README reports); the per-block rule (balance="blocks") gave 2.99.
                 trust_region=False,
             ),
             None,
