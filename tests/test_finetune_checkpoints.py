@@ -56,25 +56,31 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = _tokenizer()
-    config = LlamaConfig(
+    torch.manual_seed(0)
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_llama(tokenizer, layers: int = 2, **config):
+    """A tiny Llama whose vocabulary and special tokens are the tokenizer's (also used by test_trl.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings))
 
 
 def _records(out: Path) -> list[dict]:

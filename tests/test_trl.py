@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import json
 
-from test_finetune_checkpoints import SENTENCES, _tokenizer
+from test_finetune_checkpoints import SENTENCES, _tokenizer, tiny_llama
 
 
 def test_sft_trainer_with_the_callback_writes_valid_stats(tmp_path):
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from hf_fsf import FeatureSpeedCallback
 
     tokenizer = _tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, layers=3, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
     data = Dataset.from_dict({"text": SENTENCES * 4})
     args = SFTConfig(
         output_dir=str(tmp_path),
