@@ -19,7 +19,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -34,25 +34,28 @@ DEFAULT_RATE = 0.01
 # balance="stages": the depth at which the stage shares are the paper's per-block shares. 1 (a third each)
 # measured best on recipes/transfer.py's quick depth sweeps (teacher ResNet; GPT-2 a tie) against 4.
 DEFAULT_BASE_DEPTH = 1
-TIED_GROUP = HEAD  # a parameter tied between stem and head (tied embeddings) is the readout: the head group's
+# balance="stages": the steps over which the base's own split between stem and head is measured.
+DEFAULT_CALIBRATION_STEPS = 20
+# The default group of a parameter tied between input and readout (FSCOptimizer's tied_group).
+TIED_GROUP = STEM
 
 # Error feedback (ema_beta > 0): a group's target this step is its share plus what it fell short of before, between
 # 0 and _CATCH_UP × its share; the shortfall carried over is bounded the same way (no wind-up).
 _CATCH_UP = 3.0
-_FLOOR = 0.25
-# Trust region: the realized loss decrease over the recent steps against the first-order decrease they targeted
-# (sums decayed by _TRUST_DECAY per step). Below _SHRINK_BELOW of it (0: the loss rose), beyond the loss noise, the
-# trust factor that multiplies every target shrinks to the step the quadratic model of the loss along the step
-# prefers, 1 / (2 (1 − ratio)) of it (at least _MIN_SHRINK); above _GROW_ABOVE it grows back by _GROWTH per step
-# up to 1. A positive threshold would back off for good in the noisy-gradient regime, where a step's realized
-# decrease on the next batch is a small fraction of its first-order one at any step size.
-_TRUST_DECAY = 0.8
-_SHRINK_BELOW = 0.0
-_GROW_ABOVE = 0.5
-_MIN_SHRINK = 0.1
-_GROWTH = 1.02
-_NOISE_SIGMAS = 2.0
-_BLOWUP = 0.5  # a loss up by half in one of the first steps backs off at once
+
+# The divergence guard (trust region): the loss smoothed over ~10 steps against the lowest it has been. A rise
+# beyond _RISE of that level and _NOISE_SIGMAS times the smoothed loss's own noise (healthy runs do not rise like
+# that) halves the trust factor τ on every target (and more, in proportion to the rise, down to _MIN_SHRINK); each
+# new lowest smoothed loss grows τ back by _GROWTH, up to 1.
+# Before _SETTLE steps (no smoothed level yet) a loss up by _BLOWUP (a half) in one step backs off at once.
+_LOSS_BETA = 0.9
+_RISE = 0.1
+_NOISE_SIGMAS = 4.0
+_SHRINK = 0.5
+_MIN_SHRINK = 0.05
+_GROWTH = 1.05
+_SETTLE = 5
+_BLOWUP = 0.5
 
 
 @dataclass
@@ -191,16 +194,17 @@ def _check_settings(
 
 
 def _fsc_groups(
-    model: nn.Module, blocks: BlocksArg, options: list[tuple[list, dict]] | None
+    model: nn.Module, blocks: BlocksArg, options: list[tuple[list, dict]] | None, tied_group: str = STEM
 ) -> list[tuple[str, list[nn.Parameter]]]:
-    """[(group name, trainable parameters)] in chain order, tied parameters in the head, empty groups dropped.
+    """[(group name, trainable parameters)] in chain order, tied parameters in `tied_group`, empty groups dropped.
 
     With `options` (parameters handed over by the caller) only those parameters are kept.
     """
     wanted = None if options is None else {id(p) for ps, _ in options for p in ps}
-    by_name = find_blocks(model, blocks).parameter_groups(tied="own")
+    layout = find_blocks(model, blocks)
+    by_name = layout.parameter_groups(tied="stem" if tied_group == STEM else "own")
     tied = [p for name in list(by_name) if name.startswith("tied:") for p in by_name.pop(name)]
-    by_name[HEAD] = by_name.pop(HEAD) + tied  # the readout weight, also read by the stem's lookup
+    by_name[HEAD] = by_name.pop(HEAD) + tied  # tied_group="head": the readout weight, also read by the stem
     groups = []
     for name, params in by_name.items():
         kept = [p for p in params if p.requires_grad and (wanted is None or id(p) in wanted)]
@@ -232,14 +236,14 @@ def _zero_readout(model: nn.Module, head: list[nn.Parameter]) -> None:
 
     name, readout = find_readout(model)
     weight = getattr(readout, "weight", None)
-    if not isinstance(weight, nn.Parameter) or all(weight is not p for p in head):
-        raise ValueError(
-            f"FSCOptimizer: zero_init_head needs a trainable readout weight in the head group; {name!r} has none."
-        )
-    if any(weight is t.param for t in find_blocks(model).tied):
+    if weight is not None and any(weight is t.param for t in find_blocks(model).tied):
         raise ValueError(
             f"FSCOptimizer: zero_init_head would zero {name!r}.weight, which is tied to the input embedding (the "
             "input would be 0 too). Untie the embeddings (tie_word_embeddings=False) or drop zero_init_head."
+        )
+    if not isinstance(weight, nn.Parameter) or all(weight is not p for p in head):
+        raise ValueError(
+            f"FSCOptimizer: zero_init_head needs a trainable readout weight in the head group; {name!r} has none."
         )
     with torch.no_grad():
         weight.zero_()
@@ -247,53 +251,52 @@ def _zero_readout(model: nn.Module, head: list[nn.Parameter]) -> None:
 
 @dataclass
 class _TrustRegion:
-    """The trust factor τ on every target, from the realized loss changes against the targeted decreases.
-
-    Host-side: it sees the loss and the previous step's targeted decrease when the step reads them (the step's one
-    host sync), and decides this step's τ before the step is taken.
-    """
+    """The divergence guard: the trust factor τ on every target, from the losses of the steps (host-side: it sees
+    each step's loss when the step reads it, the step's one host sync, and sets τ before the step is taken)."""
 
     factor: float = 1.0
-    realized: float = 0.0  # decayed sum of L_{k-1} − L_k since the last back-off
-    predicted: float = 0.0  # decayed sum of the first-order decreases those steps applied
-    count: int = 0  # observations in the sums
-    # The loss's noise: the variance of one loss value, from second differences of the loss (which a steady trend
-    # does not inflate: var(L_k − 2 L_{k-1} + L_{k-2}) = 6σ² for independent noise), a running mean over ~10.
+    mean: float = 0.0  # EMA of the loss (_LOSS_BETA), not bias-corrected
+    count: int = 0  # losses in `mean`
+    best: float | None = None  # the lowest smoothed loss since the last back-off
+    # The variance of one loss value, from second differences of the loss (which a steady trend does not inflate:
+    # var(L_k − 2 L_{k-1} + L_{k-2}) = 6σ² for independent noise), a running mean over ~20.
     noise: float = 0.0
-    seen: int = 0  # second differences in `noise`
+    seen: int = 0
     previous_loss: float | None = None
-    previous_realized: float | None = None
+    previous_change: float | None = None
     warned: bool = False
 
-    def observe(self, loss: float, predicted: float | None) -> float | None:
-        """One step's loss, and the first-order decrease the previous step applied; returns the shrink factor
-        when the region backs off (None otherwise)."""
+    def observe(self, loss: float) -> float | None:
+        """One step's loss; returns the shrink factor when the guard backs off (None otherwise)."""
         previous, self.previous_loss = self.previous_loss, loss
-        if previous is None or predicted is None or not predicted > 0:
-            self.previous_realized = None
-            return None
-        realized = previous - loss
-        if self.previous_realized is not None:
+        change = None if previous is None else loss - previous
+        if change is not None and self.previous_change is not None:
             self.seen += 1
-            self.noise += ((realized - self.previous_realized) ** 2 / 6.0 - self.noise) / min(self.seen, 10)
-        self.previous_realized = realized
-        self.realized = _TRUST_DECAY * self.realized + realized
-        self.predicted = _TRUST_DECAY * self.predicted + predicted
+            self.noise += ((change - self.previous_change) ** 2 / 6.0 - self.noise) / min(self.seen, 20)
+        self.previous_change = change
         self.count += 1
-        # The realized decrease given the benefit of the loss noise: a back-off needs evidence beyond it.
-        ratio = (self.realized + _NOISE_SIGMAS * math.sqrt(self.noise)) / self.predicted
-        # Before there is a noise estimate (the first steps), a loss up by half in one step is evidence enough.
-        blowup = self.seen == 0 and realized < -_BLOWUP * abs(previous)
-        if blowup:
-            ratio = min(ratio, realized / predicted)
-        if blowup or (self.count >= 2 and self.seen >= 1 and ratio < _SHRINK_BELOW):
-            shrink = max(_MIN_SHRINK, 1.0 / (2.0 * (1.0 - ratio)))
-            self.factor *= shrink
-            self.realized, self.predicted, self.count = 0.0, 0.0, 0
-            return shrink
-        if self.realized / self.predicted > _GROW_ABOVE:
+        self.mean = _LOSS_BETA * self.mean + (1.0 - _LOSS_BETA) * loss
+        if self.count < _SETTLE:
+            if change is not None and change > _BLOWUP * abs(previous):
+                return self._shrink(abs(previous) / abs(loss))
+            return None
+        smoothed = self.mean / (1.0 - _LOSS_BETA**self.count)
+        if self.best is None or smoothed <= self.best:
+            self.best = smoothed
             self.factor = min(1.0, self.factor * _GROWTH)
+            return None
+        noise = math.sqrt(self.noise * (1.0 - _LOSS_BETA) / (1.0 + _LOSS_BETA))  # std of the smoothed loss
+        if smoothed > self.best + _RISE * abs(self.best) + _NOISE_SIGMAS * noise:
+            shrink = self._shrink(abs(self.best) / abs(smoothed))
+            self.best = smoothed  # the next back-off needs a further rise
+            return shrink
         return None
+
+    def _shrink(self, fallen: float) -> float:
+        """Halve τ, and more the further the loss rose (`fallen`: the loss it came from / the loss now)."""
+        shrink = max(_MIN_SHRINK, _SHRINK * fallen)
+        self.factor *= shrink
+        return shrink
 
 
 class FSCOptimizer(torch.optim.Optimizer):
@@ -306,31 +309,33 @@ class FSCOptimizer(torch.optim.Optimizer):
     (target="loss"; τ · lr for target="absolute"; lr is `rate`, scaled by LR schedulers; τ ≤ 1 the trust factor).
 
     The rule (what the defaults do):
-      - Shares, balance="stages" (default): the stem, the trunk (all blocks) and the head get the shares
-        1 : n₀ : 1 of T, n₀ = `base_depth` (default 1: a third each), i.e. the paper's per-block shares at depth n₀,
-        held fixed at
-        every depth; the trunk's share is split equally over its blocks. balance="blocks" (the paper's rule C,
+      - Shares, balance="stages" (default): the ends (stem and head together) and the trunk (all blocks) get
+        2 : n₀ of T, n₀ = `base_depth` (default 1), i.e. the paper's per-block shares at depth n₀, held fixed at
+        every depth; the trunk's share is split equally over its blocks. The ends' share is split equally for the
+        first `calibration_steps` (20) steps, then as the base optimizer's own steps split their first-order
+        decrease between stem and head over those steps (a head that is only a final norm, as in tied-embedding
+        LMs, cannot carry half of it; calibration_steps=0 keeps 1 : n₀ : 1). balance="blocks" (the paper's rule C,
         Eq. 8): every group gets T/n for n groups, so the stem and head get 1/(n+2) of T at n blocks. A group
         without a descent step (u_g ≤ 0) is inactive: not moved (scale 0). A group without gradient (u_g = 0)
         gives its share to the others (within the trunk to its other blocks; a stage with no active group drops
         out); so does a group with u_g < 0 when ema_beta = 0, while with ema_beta > 0 it owes its share (below).
-      - Smoothing (ema_beta > 0, default 0.9): ρ = the shares-weighted mean over active groups of u_g / EMA(u_g)
-        says how far this step's u is above or below its recent level; the step's total is ρ·T (smooth) and its
-        split is exact: t_g = ρ·share_g·T, s_g = t_g / max(u_g, ¼·ρ·EMA(u_g)) (the floor stops a u_g that is
-        small by chance from getting a huge step). Error feedback: what a group fell short of (floored, or u_g < 0)
-        is added to its next targets, within 0 ≤ t_g ≤ 3·ρ·share_g·T, so every few steps' contributions keep
-        their shares. ema_beta = 0: t_g = share_g·T, s_g = t_g / u_g, exact at every step.
-      - Trust region (trust_region=True, off by default): each step's loss is compared with the previous one. When the loss rose
-        over the recent steps while they targeted a decrease (decayed sums of the realized and the targeted
-        first-order decreases; the realized one given the benefit of twice the loss's step-to-step noise, so
-        mini-batch noise and a realized decrease far below the first-order one, usual with noisy gradients, do not
-        count), τ shrinks to 1/(2(1 − realized/targeted)) of itself (the step a quadratic loss along the step
-        prefers, at most 0.5×, at least 0.1×; at once when the loss rose by half in one of the first steps, before
-        the noise is known); it grows back by 2 % per step while the loss falls by more than half the target.
-        A warning says when it first backs off; `last_step.trust` is τ.
-      - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the head group:
-        the head stage is the readout path (the tied weight and what follows the blocks, e.g. the final norm), the
-        stem what only the input reads (e.g. position embeddings).
+      - Smoothing (ema_beta > 0, default 0.9): s_g = t_g / EMA(u_g), the bias-corrected EMA of the group's u_g,
+        so a batch whose u_g is small by chance gets no huge step. Error feedback: t_g is the group's share plus
+        what it owes, within 0 ≤ t_g ≤ 3·share_g·T; a group owes its share of what the step applied in total (at
+        most of T) minus what it applied, so the EMA's lag and a step's noisy u_g cannot move the split for long,
+        while a step whose decrease collapses for every group together owes nothing (measured: every 20-step
+        window within 1.2× of the shares). A group with u_g < 0 is not moved and owes its share. ema_beta = 0:
+        t_g = share_g·T, s_g = t_g / u_g, exact at every step (measured to train worse: a noisy u_g sets the step).
+      - Divergence guard (trust_region=True, the default): the loss smoothed over ~10 steps is compared with the
+        lowest it has been. When it rose by more than 10 % of that and 4× its own noise (mini-batch noise and a
+        plateau do not trip it), τ halves, times lowest/now (a loss twice as high: τ × 0.25; at least × 0.05); each
+        new lowest smoothed loss grows it back by 5 %. In the first steps,
+        before there is a smoothed level, a loss up by half in one step shrinks τ the same way at once. A warning says when it
+        first backs off; `last_step.trust` is τ.
+      - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the stem group
+        (tied_group="stem", the default) or the head group ("head": the head stage is then the readout path, the
+        stem what only the input reads, e.g. position embeddings). Measured on the demo's GPT-2 (held-out
+        nats/byte at 300 steps): stem 2.383, head 2.592 (the position embeddings alone then carry the stem's share).
 
     Why measure instead of computing the direction in closed form: the measured δw is, by definition, what the base
     would do with its current state (momentum, Adam moments, Adafactor factors, weight decay, clipping inside the
@@ -349,7 +354,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         target first-order loss decrease per step is lr × loss (target="loss") or lr (target="absolute").
       blocks: as for `hf_fsf.find_blocks`: None (auto-detect), block names or modules, or a BlockLayout (find the
         layout once and pass it to every consumer).
-      balance, base_depth: the shares, above. base_depth only with balance="stages" (None: 1).
+      balance, base_depth, calibration_steps: the shares, above. base_depth only with balance="stages" (None: 1).
       ema_beta: smoothing of u_g across steps, above (0 = off: exact balance at every step; the EMA is
         bias-corrected). Exact per-step balance divides by a noisy u_g (mini-batches, Adam's early steps), so a
         batch whose u_g happens to be small gets a very large step.
@@ -358,9 +363,9 @@ class FSCOptimizer(torch.optim.Optimizer):
         less than its target (the shortfall is not moved to other groups, nor carried over).
       warmup_steps: the target ramps linearly from 1/warmup_steps to 1 over the first steps (0 = off, the
         default; an LR scheduler with warm-up does the same through lr).
-      trust_region: the loss-driven back-off above (needs the loss: target="loss", or losses passed). Off by
-        default: in Trainer runs with noisy per-batch losses it backed off on healthy training and stalled it
-        (the demo's GPT-2: held-out 3.90 nats/byte with it, 2.87 without; recipes/check_fsc.py's ResNets).
+      trust_region: the divergence guard above (it reads the step's loss: with target="absolute" only when a
+        loss is passed or captured). False: no guard.
+      tied_group: "stem" or "head", where a parameter tied between input and readout goes (above).
       zero_init_head: zero the readout weight at construction (the paper's App. B variant: the network's output is
         0 at init). Until the readout moves, nothing upstream has a gradient, so on the first step only the head is
         active: it gets its own share of T through its base step (s_head = t_head/u_head), not the whole of T.
@@ -396,12 +401,25 @@ class FSCOptimizer(torch.optim.Optimizer):
         ema_beta: float = 0.9,
         max_scale: float | None = None,
         warmup_steps: int = 0,
-        trust_region: bool = False,
+        trust_region: bool = True,
+        tied_group: Literal["stem", "head"] = TIED_GROUP,
+        calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
         zero_init_head: bool = False,
         capture_loss: bool = True,
         **base_kwargs: Any,
     ) -> None:
         _check_settings(rate, target, balance, base_depth, ema_beta, max_scale, warmup_steps, base_kwargs)
+        if tied_group not in (STEM, HEAD):  # before the model is searched: a typo fails at once
+            raise ValueError(f"FSCOptimizer: tied_group must be {STEM!r} or {HEAD!r}, got {tied_group!r}.")
+        if (
+            isinstance(calibration_steps, bool)
+            or not isinstance(calibration_steps, int)
+            or calibration_steps < 0
+        ):
+            raise ValueError(
+                f"FSCOptimizer: calibration_steps must be an integer >= 0 (0: stem and head get equal shares), "
+                f"got {calibration_steps!r}."
+            )
         model, options = _model_and_options(model_or_params, model)
         trainer = calling_trainer(
             "create_optimizer"
@@ -409,7 +427,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         if trainer is not None and options is None:
             rate = trainer_rate(trainer.args, rate, DEFAULT_RATE)
             base_kwargs, options = trainer_base_settings(trainer, model, base, base_kwargs)
-        groups = _fsc_groups(model, blocks, options)
+        groups = _fsc_groups(model, blocks, options, tied_group)
         self.target_mode = target
         self.balance = balance
         self.base_depth = (base_depth or DEFAULT_BASE_DEPTH) if balance == "stages" else None
@@ -417,6 +435,7 @@ class FSCOptimizer(torch.optim.Optimizer):
         self.max_scale = None if max_scale is None else float(max_scale)
         self.warmup_steps = int(warmup_steps)
         self.trust_region = bool(trust_region)
+        self.calibration_steps = calibration_steps if balance == "stages" else 0
         self.zero_init_head = bool(zero_init_head)
         self.group_names = [n for n, _ in groups]
         if zero_init_head:
@@ -439,10 +458,9 @@ class FSCOptimizer(torch.optim.Optimizer):
         self._ema: torch.Tensor | None = None
         self._debt: torch.Tensor | None = None
         self._stages: tuple[torch.Tensor, torch.Tensor] | None = None  # (stage x group one-hot, stage shares)
+        # balance="stages": the stem's and the head's u (base steps, scale 1) summed over the calibration steps.
+        self._ends: torch.Tensor | None = None
         self.trust = _TrustRegion()
-        self._predicted: torch.Tensor | None = (
-            None  # the last step's applied first-order decrease, on the device
-        )
         self.last_step: FSCStepRecord | None = None
         self.loss_tracker = StepLossTracker()
         self._warned_stale = False
@@ -515,7 +533,7 @@ class FSCOptimizer(torch.optim.Optimizer):
             loss = closure_loss
         step_loss = self._step_loss(loss)
         segments = self._segments()
-        loss_value, finite, predicted = self._read_step_inputs(step_loss, segments)
+        loss_value, finite = self._read_step_inputs(step_loss, segments)
         if self.target_mode == "loss" and loss_value is not None and loss_value < 0:
             raise ValueError(
                 f"FSCOptimizer: loss {loss_value} < 0, so rate x loss is not a loss decrease. Use target='absolute'."
@@ -530,10 +548,8 @@ class FSCOptimizer(torch.optim.Optimizer):
             }
             self._skip(loss_value, f"non-finite gradients in {sorted(bad)}")
         else:
-            if self.trust_region and isinstance(
-                step_loss, torch.Tensor
-            ):  # a fresh loss: the last step's outcome
-                self._back_off(self.trust.observe(loss_value, predicted), loss_value)
+            if self.trust_region and isinstance(step_loss, torch.Tensor):  # a fresh loss, not a reused one
+                self._back_off(self.trust.observe(loss_value), loss_value)
             self._rescaled_base_step(segments, loss_value)
         return closure_loss
 
@@ -543,9 +559,9 @@ class FSCOptimizer(torch.optim.Optimizer):
         self.trust.warned = True
         warnings.warn(
             f"FSCOptimizer: backing off (trust factor x{shrink:.2f}, now {self.trust.factor:.3g}) at step "
-            f"{self.fsc_state['step'] + 1}: the loss ({loss:.4g}) fell by much less than the first-order decrease "
-            "the last steps targeted, or rose. The rate is too high for this model and base; FSC keeps backing "
-            "off and growing back as the loss allows (last_step.trust). Warned once; a lower rate= avoids it.",
+            f"{self.fsc_state['step'] + 1}: the loss ({loss:.4g}) rose well above the lowest it had been, beyond its "
+            "noise. The rate is too high for this model and base; FSC keeps halving its targets on every such "
+            "rise and growing them back as the loss falls (last_step.trust). Warned once; a lower rate= avoids it.",
             stacklevel=3,
         )
 
@@ -569,10 +585,9 @@ class FSCOptimizer(torch.optim.Optimizer):
 
     def _read_step_inputs(
         self, loss: torch.Tensor | float | None, segments: list[_Segment]
-    ) -> tuple[float | None, bool, float | None]:
-        """The step's loss, whether every gradient is finite, and the first-order decrease the previous step
-        applied (for the trust region), read from the device together: the step's one host sync (the base must
-        not step on non-finite gradients, so this is read before it steps)."""
+    ) -> tuple[float | None, bool]:
+        """The step's loss and whether every gradient is finite, read from the device together: the step's one
+        host sync (the base must not step on non-finite gradients, so this is read before it steps)."""
         parts = []
         if segments:
             grads = [g for s in segments for g in s.grads]
@@ -584,13 +599,10 @@ class FSCOptimizer(torch.optim.Optimizer):
             parts.append(torch.stack(maxima).isfinite().all().to(torch.float64))
         if isinstance(loss, torch.Tensor):
             parts.append(loss.to(parts[0].device if parts else loss.device, torch.float64))
-        predicted = self._predicted if self.trust_region and parts else None
-        if predicted is not None:
-            parts.append(predicted.to(parts[0].device))
         values = torch.stack(parts).tolist() if parts else []
         finite = bool(values[0]) if segments else True
         loss_value = values[1 if segments else 0] if isinstance(loss, torch.Tensor) else loss
-        return loss_value, finite, (values[-1] if predicted is not None else None)
+        return loss_value, finite
 
     def _skip(self, loss: float | None, reason: str) -> None:
         warnings.warn(
@@ -670,27 +682,21 @@ class FSCOptimizer(torch.optim.Optimizer):
         # With error feedback, a group whose base step is not a descent step (u_g < 0) keeps its share and owes
         # it (it catches up later); a group without gradient (u_g = 0) gives its share to the others.
         counted = active | (unit.isfinite() & (unit < 0)) if feedback else active
+        self._calibrate(unit, active, k)
         # zero_init_head: the first step moves only the head, by its own share (upstream has no gradient yet).
         fraction = self._fractions(counted, renormalize=not (self.zero_init_head and k == 1))
-        share = nominal = fraction * budget
-        denominator = smoothed
+        share = fraction * budget
         if feedback:
-            # How far this step's u is above or below its smoothed level, all active groups together (a
-            # share-weighted mean of u_g/û_g, so rescaling one group's base step changes nothing): the smoothing
-            # sets the step's total, each group's own u_g its split (exact), unless u_g is far below that level.
-            weight = torch.where(active, share, 0.0)
-            level = (weight * torch.where(active, unit / smoothed, 0.0)).sum() / weight.sum().clamp(
-                min=1e-300
-            )
-            share = share * level
-            denominator = torch.maximum(unit, _FLOOR * level * smoothed)
+            # Error feedback: the target is the share plus what the group fell short of before (the EMA lags a
+            # u_g that trends, and a step's u_g is noisy), so that every few steps' contributions keep the shares.
             if self._debt is None:
                 self._debt = torch.zeros(len(self.param_groups), dtype=torch.float64, device=unit.device)
             debt = self._debt.to(unit.device)
             target = torch.minimum((share + debt).clamp(min=0.0), _CATCH_UP * share)
         else:
             target = share
-        scale = torch.where(active, target / denominator, 0.0)
+        # Divided by the smoothed u_g, not this step's: a batch whose u_g is small by chance gets no huge step.
+        scale = torch.where(active, target / smoothed, 0.0)
         clipped = (
             active & (scale > self.max_scale) if self.max_scale is not None else torch.zeros_like(active)
         )
@@ -698,18 +704,34 @@ class FSCOptimizer(torch.optim.Optimizer):
             scale = torch.where(clipped, self.max_scale, scale)
         contribution = torch.where(active, scale * unit, 0.0)
         if feedback:
+            # A group owes its share of what the step applied in total, up to its share of the target: when every
+            # group's u_g falls short together (the step's loss decrease collapses, e.g. near a sharp valley), the
+            # balance is kept and nothing is owed; what is owed is the imbalance.
+            achieved = torch.minimum(contribution.sum(), torch.where(counted, share, 0.0).sum())
             carried = torch.minimum(
-                (debt + share - contribution).clamp(min=-share), (_CATCH_UP - 1.0) * share
+                (debt + fraction * achieved - contribution).clamp(min=-share), (_CATCH_UP - 1.0) * share
             )
             self._debt = torch.where(counted & ~clipped, carried, debt)
-        self._predicted = contribution.sum()
-        # Recorded: the rule's targets; with smoothing the applied contributions differ by the level and feedback.
-        rows = [unit, smoothed, nominal, scale, contribution, active, clipped, fraction]
+        # Recorded: the rule's targets; with error feedback the applied contributions also make up shortfalls.
+        rows = [unit, smoothed, share, scale, contribution, active, clipped, fraction]
         values = torch.stack([r.to(torch.float64) for r in rows])
         self.last_step = FSCStepRecord(
             k, loss_value, names=self.group_names, values=values, trust=self.trust.factor
         )
         return scale
+
+    def _calibrate(self, unit: torch.Tensor, active: torch.Tensor, k: int) -> None:
+        """balance="stages": sum the stem's and head's own u_g over the first calibration_steps steps; after the
+        last one the stage shares split the ends' share by them (computed on the device: no host sync)."""
+        if self.balance != "stages" or k > self.calibration_steps:
+            return
+        ends = [self.group_names.index(n) if n in self.group_names else None for n in (STEM, HEAD)]
+        values = torch.where(active, unit, 0.0)
+        zero = torch.zeros((), dtype=torch.float64, device=unit.device)
+        step = torch.stack([values[i] if i is not None else zero for i in ends])
+        self._ends = step if self._ends is None else self._ends.to(unit.device) + step
+        if k == self.calibration_steps:
+            self._stages = None  # recomputed with the measured split
 
     def _fractions(self, active: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
         """Each group's fraction of the target (0 for inactive groups; the active ones add up to 1, or with
@@ -737,7 +759,16 @@ class FSCOptimizer(torch.optim.Optimizer):
             [[float(t == s) for t in stage] for s in (STEM, "trunk", HEAD)], dtype=torch.float64
         )
         n0 = float(self.base_depth)
-        return onehot, torch.tensor([1.0, n0, 1.0], dtype=torch.float64) / (n0 + 2.0)
+        shares = torch.tensor([1.0, n0, 1.0], dtype=torch.float64) / (n0 + 2.0)
+        if self._ends is not None and self.fsc_state["step"] >= self.calibration_steps:
+            # The stem's and the head's own first-order decreases over the calibration steps split the two ends'
+            # shares (equal when neither moved); on the device of the sums, without reading them.
+            measured = self._ends
+            total = measured.sum()
+            ends = torch.where(total > 0, 2.0 * measured / total.clamp(min=1e-300), 1.0)
+            shares = shares.to(measured.device) * torch.stack([ends[0], ends.new_tensor(1.0), ends[1]])
+            onehot = onehot.to(measured.device)
+        return onehot, shares
 
     @property
     def group_shares(self) -> dict[str, float]:
@@ -795,7 +826,7 @@ class FSCOptimizer(torch.optim.Optimizer):
                     fsc["ema"][name], fsc["ema_count"][name] = mean, int(count)
         fsc["debt"] = dict(zip(self.group_names, self._debt.tolist())) if self._debt is not None else {}
         fsc["trust"] = asdict(self.trust)
-        fsc["predicted"] = None if self._predicted is None else float(self._predicted)
+        fsc["ends"] = None if self._ends is None else self._ends.tolist()
         return {"state": {}, "param_groups": groups, "base": self.base.state_dict(), "fsc": fsc}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -825,9 +856,12 @@ class FSCOptimizer(torch.optim.Optimizer):
         self._ema = torch.tensor([means, counts], dtype=torch.float64)
         debt = fsc.get("debt") or {}
         self._debt = torch.tensor([float(debt.get(n, 0.0)) for n in self.group_names], dtype=torch.float64)
-        self.trust = _TrustRegion(**fsc.get("trust", {}))
-        predicted = fsc.get("predicted")
-        self._predicted = None if predicted is None else torch.tensor(float(predicted), dtype=torch.float64)
+        ends = fsc.get("ends")
+        self._ends = None if ends is None else torch.tensor(ends, dtype=torch.float64)
+        self._stages = None
+        # Fields of a former trust region (before the divergence guard) are dropped: the guard starts afresh.
+        known = {f.name for f in fields(_TrustRegion)}
+        self.trust = _TrustRegion(**{k: v for k, v in (fsc.get("trust") or {}).items() if k in known})
 
     def close(self) -> None:
         """Remove the loss-capture hook from the model (garbage collection does it too)."""

@@ -154,7 +154,7 @@ def test_frozen_and_zero_gradient_groups_are_excluded():
 
 
 def test_a_block_layout_gives_the_groups_of_its_block_names():
-    """blocks= takes a BlockLayout found once: the same groups as the names, tied embeddings in the head."""
+    """blocks= takes a BlockLayout found once: the same groups as the names; tied embeddings in tied_group."""
     from hf_fsf import find_blocks
 
     model = _tiny_gpt2()
@@ -167,8 +167,14 @@ def test_a_block_layout_gives_the_groups_of_its_block_names():
     ]
     stem = {id(p) for p in by_layout.param_groups[0]["params"]}
     head = {id(p) for p in by_layout.param_groups[-1]["params"]}
-    assert stem == {id(model.transformer.wpe.weight)}  # what only the input reads
-    assert id(model.transformer.wte.weight) in head and model.lm_head.weight is model.transformer.wte.weight
+    tied, position = id(model.transformer.wte.weight), id(model.transformer.wpe.weight)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert stem == {tied, position} and tied not in head  # tied_group="stem", the default
+    readout = FSCOptimizer(model, blocks=find_blocks(model, names), capture_loss=False, tied_group="head")
+    assert {id(p) for p in readout.param_groups[0]["params"]} == {position}  # what only the input reads
+    assert tied in {id(p) for p in readout.param_groups[-1]["params"]}
+    with pytest.raises(ValueError, match="tied_group must be"):
+        FSCOptimizer(model, capture_loss=False, tied_group="trunk")
 
 
 def test_parameter_groups_with_options_keep_their_options():
