@@ -136,7 +136,7 @@ def trainer_base_settings(
         warnings.warn(
             f"FSCOptimizer: max_grad_norm={args.max_grad_norm:g} clips the gradients before FSC measures each "
             "group's first-order loss decrease: a clipped step's realized decrease exceeds FSC's target by the "
-            "clipping factor. Set max_grad_norm=0 (FSC's trust region bounds the steps).",
+            "clipping factor. Set max_grad_norm=0 (FSC's divergence guard backs off a too-high rate).",
             stacklevel=4,
         )
     return kwargs, options

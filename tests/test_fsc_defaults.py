@@ -214,7 +214,9 @@ def _tiny_gpt2_run(rate: float, steps: int) -> tuple[list[float], list[float], b
             starts = torch.randint(0, len(ids) - 17, (8,), generator=g)
             batch = torch.stack([ids[s : s + 16] for s in starts])
             opt.zero_grad()
-            model(input_ids=batch, labels=batch).loss.backward()  # the loss reaches FSC through the model's output
+            model(
+                input_ids=batch, labels=batch
+            ).loss.backward()  # the loss reaches FSC through the model's output
             opt.step()
             losses.append(opt.last_step.loss)
             trust.append(opt.last_step.trust)
