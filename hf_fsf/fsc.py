@@ -31,8 +31,8 @@ from hf_fsf.step_loss import LossCapture, StepLossTracker
 
 BALANCES = ("blocks", "stages")
 DEFAULT_RATE = 0.01
-# balance="stages": the depth at which the stage shares are the paper's per-block shares. 1 (a third each)
-# measured best on recipes/transfer.py's quick depth sweeps (teacher ResNet; GPT-2 a tie) against 4.
+# balance="stages": the depth at which the stage shares are the paper's per-block shares (ends : trunk = 2 : n0).
+# 1 measured best on recipes/transfer.py's quick depth sweeps (teacher ResNet; GPT-2 a tie) against 4.
 DEFAULT_BASE_DEPTH = 1
 # balance="stages": the steps over which the base's own split between stem and head is measured.
 DEFAULT_CALIBRATION_STEPS = 20

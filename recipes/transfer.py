@@ -23,7 +23,7 @@ Parametrizations:
   depth-mup  μP with branch β = 1/√L, and hidden (block) learning rates × √(L_base/L), the Adam rule of depth-μP
              (Yang et al. 2023, Tensor Programs VI); L_base is the smallest depth of the sweep.
   fsc        hf_fsf.FSCOptimizer over AdamW (base lr 1e-3), β = 1/√L; the swept setting is FSC's `rate`.
-  fsc-stages the same with balance="stages": stem, trunk (all blocks) and head a third of the target each.
+  fsc-stages the same with balance="stages" (FSC's default): ends (stem + head) and trunk 2 : 1 of the target.
 
 Outputs in --out-dir: transfer_runs.csv (every run), transfer_summary.csv (columns
 task,sweep,parametrization,size,optimal_lr,best_loss,drift,regret), transfer_summary.md (with digits' test
