@@ -26,6 +26,7 @@ import os
 import sys
 import warnings
 
+import torch
 from torch import nn
 
 try:
@@ -185,11 +186,22 @@ class FeatureSpeedCallback(TrainerCallback):
         if not self._measuring:
             return
         self._measuring = False
-        stats = self._guard(self.probe.after_optimizer_step)
+        # FSCOptimizer's record of this step (its per-group scales) rides along in the probe's one host transfer.
+        real = _real_optimizer(optimizer)
+        record = getattr(real, "last_step", None)
+        fsc_values = getattr(record, "values", None)
+        also_read = (
+            [fsc_values] if isinstance(fsc_values, torch.Tensor) and hasattr(record, "read_from") else []
+        )
+        stats = self._guard(
+            self.probe.after_optimizer_step, **({"also_read": also_read} if also_read else {})
+        )
         if not isinstance(stats, StepStats):
             return
+        if also_read and self.probe.also_read_values:
+            record.read_from(self.probe.also_read_values[0])
         stats.step = state.global_step + 1
-        scales = getattr(_real_optimizer(optimizer), "last_scales", None)
+        scales = getattr(real, "last_scales", None)
         record = stats.to_record()
         if scales:
             record["scales"] = dict(scales)

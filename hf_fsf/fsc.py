@@ -94,26 +94,37 @@ class FSCStepRecord:
     values: torch.Tensor | None = field(default=None, repr=False)  # (len(_ROWS), len(names)), float64
     _groups: dict[str, GroupStep] | None = field(default=None, repr=False)
 
+    def read_from(self, flat: list[float]) -> None:
+        """Fill the groups from `values` already on the host (flattened in row order), e.g. read by the probe in
+        its own transfer, so that reading them costs no second host sync."""
+        n = len(self.names)
+        self._fill([flat[i * n : (i + 1) * n] for i in range(len(_ROWS))])
+
     @property
     def groups(self) -> dict[str, GroupStep]:
         """{group name: GroupStep} ({} for a skipped step)."""
         if self._groups is None:
-            self._groups = {}
-            if self.values is not None:
-                rows = dict(zip(_ROWS, self.values.tolist()))
-                for i, name in enumerate(self.names):
-                    active = rows["active"][i] > 0
-                    self._groups[name] = GroupStep(
-                        rows["unit"][i],
-                        rows["smoothed"][i] if active else None,
-                        rows["target"][i],
-                        rows["scale"][i],
-                        rows["contribution"][i],
-                        active,
-                        rows["clipped"][i] > 0,
-                        rows["share"][i],
-                    )
+            self._fill(self.values.tolist() if self.values is not None else None)
         return self._groups
+
+    def _fill(self, table: list[list[float]] | None) -> None:
+        """The groups from the rows of `values` (None: a skipped step, no groups)."""
+        self._groups = {}
+        if table is None:
+            return
+        rows = dict(zip(_ROWS, table))
+        for i, name in enumerate(self.names):
+            active = rows["active"][i] > 0
+            self._groups[name] = GroupStep(
+                rows["unit"][i],
+                rows["smoothed"][i] if active else None,
+                rows["target"][i],
+                rows["scale"][i],
+                rows["contribution"][i],
+                active,
+                rows["clipped"][i] > 0,
+                rows["share"][i],
+            )
 
     @property
     def target(self) -> float:

@@ -375,6 +375,7 @@ class FeatureSpeedProbe:
         self._reforwarding = False
         self._warned_nothing_moved = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.also_read_values: list[list[float]] = []  # see after_optimizer_step
         first = next(self.model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self._chunk = _CHUNK_CUDA if self.device.type == "cuda" else _CHUNK_CPU
@@ -544,9 +545,15 @@ class FeatureSpeedProbe:
             self._replay(step, before=True)
         step.phase = "stepped"
 
-    def after_optimizer_step(self) -> StepStats:
-        """Call right after optimizer.step(): returns the step's stats (valid=False with a warning on NaN/inf)."""
+    def after_optimizer_step(self, also_read: Sequence[torch.Tensor] = ()) -> StepStats:
+        """Call right after optimizer.step(): returns the step's stats (valid=False with a warning on NaN/inf).
+
+        also_read: device tensors of the same step to bring to the host in the probe's one transfer (e.g.
+        FSCOptimizer's `last_step.values`); afterwards `also_read_values` holds each one's values, flattened, as a
+        list of floats.
+        """
         step = self._require_step("after_optimizer_step")
+        self.also_read_values = []
         if step.phase != "stepped":
             raise RuntimeError("after_optimizer_step needs before_optimizer_step() first.")
         try:
@@ -554,7 +561,7 @@ class FeatureSpeedProbe:
             self._tied_stem_dots(step)
             if step.angle:
                 self._replay(step)
-            return self._finish(step, self._gather(step))
+            return self._finish(step, self._gather(step, also_read))
         finally:
             step.phase = "done"
             self._step = None
@@ -947,8 +954,9 @@ class FeatureSpeedProbe:
         warnings.warn(f"FeatureSpeedProbe: {message}; measurement skipped.", stacklevel=3)
 
     @torch.no_grad()
-    def _gather(self, step: _Step) -> list[float]:
-        """The step's numbers added into their slots (one index_add), summed over ranks, read in one transfer."""
+    def _gather(self, step: _Step, also_read: Sequence[torch.Tensor] = ()) -> list[float]:
+        """The step's numbers added into their slots (one index_add), summed over ranks, read in one transfer
+        together with `also_read` (host copies in `also_read_values`)."""
         world = world_size()
         if world > 1:  # entries of f per block differ between ranks (sequence lengths)
             # From pinned memory without blocking: the copy does not wait for the device.
@@ -964,7 +972,15 @@ class FeatureSpeedProbe:
         totals.index_add_(0, self._index(step.norm_slots + step.sum_slots + step.row_slots), values)
         if world > 1:
             dist.all_reduce(totals[: self._slots.local])
-        return totals.tolist()
+        if not also_read:
+            return totals.tolist()
+        extra = [t.detach().reshape(-1).to(self.device, torch.float64) for t in also_read]
+        host = torch.cat([totals, *extra]).tolist()  # one transfer for the probe's numbers and the caller's
+        offset = self._slots.size
+        for tensor in also_read:
+            self.also_read_values.append(host[offset : offset + tensor.numel()])
+            offset += tensor.numel()
+        return host[: self._slots.size]
 
     def _index(self, slots: list[int]) -> torch.Tensor:
         """The slots as a device index tensor; cached, since a new one is a host-to-device copy (a sync on GPU)."""

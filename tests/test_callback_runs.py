@@ -174,3 +174,22 @@ def test_invalid_steps_are_written_as_null_and_the_report_reads_them(tmp_path):
     run = load_run(tmp_path / "fsf_stats.jsonl")
     assert list(run.steps) == [1] and any("invalid" in note for note in run.notes)
     assert (tmp_path / "fsf_report" / "report.md").exists()
+
+
+def test_fsc_scales_in_the_stats_file_are_the_optimizers(tmp_path):
+    """With FSCOptimizer, every record carries that step's per-group scales, read in the probe's transfer."""
+    from hf_fsf.fsc import _ROWS, FSCOptimizer
+
+    model = tiny_gpt2()
+    opt = FSCOptimizer(model, base=torch.optim.AdamW, rate=0.05, lr=1e-3)
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=2, max_grad_norm=0.0)
+    callback = FeatureSpeedCallback(angle_every=2, figures=False)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=token_data(6), callbacks=[callback], optimizers=(opt, None)
+    )
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "fsf_stats.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    device_read = opt.last_step.values[_ROWS.index("scale")].tolist()  # the record's own tensor, read here
+    assert list(records[-1]["scales"].values()) == pytest.approx(device_read, rel=1e-12)
+    assert list(records[-1]["scales"]) == opt.group_names and all(v > 0 for v in device_read)
