@@ -185,3 +185,26 @@ def test_check_fsc_contributions_on_llama_and_qwen2(capsys):
     spec.loader.exec_module(check_fsc)
     assert check_fsc.check_contributions(quick=True) < 1e-9
     assert capsys.readouterr().out.count("| llama |") == 4  # 2 bases x 2 balances
+
+
+def test_mup_coord_check_fits_width_exponents_and_runs_on_the_benchmark_models(tmp_path):
+    import pandas as pd
+
+    coord = _load_recipe("mup_coord_check")
+    rows = [
+        {"width": w, "module": name, "t": 2, "l1": value}
+        for w in (64, 128, 256)
+        for name, value in (("h.0.fc", 0.3 * w**0.5), ("h.1.fc", 0.3 * w**0.5), ("head", 2.0))
+    ]
+    fitted = coord.slopes(pd.DataFrame(rows), step=2)
+    assert fitted == pytest.approx({"h.*.fc": 0.5, "head": 0.0}, abs=1e-12)
+    # The real check, small: the benchmark's GPT-2 at two widths; standard grows with width where μP does not.
+    out = _run(
+        [sys.executable, str(RECIPES / "mup_coord_check.py"), "--out", str(tmp_path), "--tasks", "gpt2", "--gpt2-widths",
+         "64,256", "--steps", "3", "--lr-scales", "1"],
+        timeout=300,
+    )  # fmt: skip
+    table = (tmp_path / "coord_check.md").read_text()
+    mup_row, standard_row = [line for line in table.splitlines() if line.startswith("| gpt2")]
+    assert "| mup |" in mup_row and "grows" not in mup_row and "grows" in standard_row
+    assert "PASS" in out and (tmp_path / "coord_check.csv").exists()
