@@ -1,5 +1,6 @@
-"""FSCOptimizer with its defaults: balance over windows of steps, invariance to each group's base step size, the
-trust region, the zero-initialised readout, and a hook that does not outlive the optimizer (float64 where exact)."""
+"""FSCOptimizer with its defaults: balance over windows of steps, the measured stem:head split, invariance to each
+group's base step size, the divergence guard (trust_region), the zero-initialised readout, and a hook that does not
+outlive the optimizer (float64 where exact)."""
 
 import gc
 import math
@@ -157,7 +158,7 @@ def test_rescaling_a_groups_base_step_changes_nothing(settings):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
-# -- the trust region -------------------------------------------------------------------------------------------
+# -- the divergence guard (trust_region) ---------------------------------------------------------------------
 
 
 def _linear_regression_run(rate: float, trust_region: bool, steps: int = 30):
