@@ -140,6 +140,10 @@ class SummaryRow:
     drift: float  # max / min optimal setting over the sizes of the sweep
     regret: float  # loss at the largest size with the smallest size's optimum / best loss at the largest size
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.task, self.sweep, self.parametrization)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and optimizers
@@ -488,6 +492,29 @@ def summarize(table: dict[tuple, dict[int, dict[float, float]]]) -> list[Summary
     return rows
 
 
+def seed_regrets(results: Iterable[RunResult]) -> dict[tuple, list[float]]:
+    """{(task, sweep, parametrization): the regret computed on each seed's own runs}: its spread says whether
+    regrets that differ in the third decimal can be ranked."""
+    by_seed: dict[int, list[RunResult]] = defaultdict(list)
+    for r in results:
+        by_seed[r.seed].append(r)
+    spread: dict[tuple, list[float]] = defaultdict(list)
+    for runs in by_seed.values():
+        rows = summarize(mean_losses(runs))
+        largest = {row.key: max(r.size for r in rows if r.key == row.key) for row in rows}
+        for row in rows:
+            if row.size == largest[row.key]:
+                spread[row.key].append(row.regret)
+    return spread
+
+
+def cliff(by_lr: dict[float, float], factor: float = 2.0) -> float:
+    """Held-out loss at `factor` × the optimal lr over the best loss (nan when that lr is not on the grid)."""
+    optimum = min(by_lr, key=lambda lr: (by_lr[lr], lr))
+    above = [lr for lr in by_lr if math.isclose(lr, factor * optimum, rel_tol=1e-6)]
+    return by_lr[above[0]] / by_lr[optimum] if above else math.nan
+
+
 def write_csv(path: Path, rows: Sequence, columns: Sequence[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -564,23 +591,29 @@ def _fmt(x: float) -> str:
 
 
 def markdown_summary(rows: Sequence[SummaryRow], results: Sequence[RunResult], command: str) -> str:
-    """The summary as a markdown table (digits: mean test accuracy at the optimal lr added)."""
+    """The summary as a markdown table: the regret's spread over seeds (each seed's own regret, min-max), the loss
+    at 2× the optimal lr over the best (the cliff past the optimum), digits' mean test accuracy at the optimal lr."""
+    results = list(results)
     acc: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
         acc[(r.task, r.sweep, r.parametrization, r.size, r.lr)].append(r.accuracy)
+    table, spread = mean_losses(results), seed_regrets(results)
     lines = [
         f"Command: `{command}`",
         "",
-        "| task | sweep | parametrization | size | optimal lr | best loss | drift | regret | test acc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | sweep | parametrization | size | optimal lr | best loss | loss at 2× lr / best | drift | regret | "
+        "regret per seed | test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         a = acc.get((row.task, row.sweep, row.parametrization, row.size, row.optimal_lr), [math.nan])
         mean_acc = sum(a) / len(a)
+        seeds = spread.get(row.key, [])
+        per_seed = f"{_fmt(min(seeds))}–{_fmt(max(seeds))}" if len(seeds) > 1 else ""
         lines.append(
             f"| {row.task} | {row.sweep} | {row.parametrization} | {row.size} | {_fmt(row.optimal_lr)} | "
-            f"{_fmt(row.best_loss)} | {_fmt(row.drift)} | {_fmt(row.regret)} | "
-            f"{'' if math.isnan(mean_acc) else f'{mean_acc:.3f}'} |"
+            f"{_fmt(row.best_loss)} | {_fmt(cliff(table[row.key][row.size]))} | {_fmt(row.drift)} | "
+            f"{_fmt(row.regret)} | {per_seed} | {'' if math.isnan(mean_acc) else f'{mean_acc:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -217,3 +217,27 @@ def test_command_line_sizes_and_centres_replace_the_config():
     del config["grids"]["teacher"].centers["mup"]
     with pytest.raises(SystemExit, match="no learning-rate centre for \\['mup'\\]"):
         transfer._grid(config["grids"], "teacher", ["mup"], args)
+
+
+def test_the_summary_states_each_seeds_regret_and_the_loss_past_the_optimum():
+    # Two seeds whose regrets differ (1.1 and 1.3), a √2 grid on which 2x the optimum is two points up.
+    losses = {  # (seed, size): {lr: loss}
+        (0, 64): {1.0: 1.2, 1.414: 1.0, 2.0: 1.1, 2.828: 1.5},
+        (0, 256): {1.0: 1.5, 1.414: 1.1, 2.0: 1.0, 2.828: 1.4},
+        (1, 64): {1.0: 1.2, 1.414: 1.0, 2.0: 1.1, 2.828: 1.5},
+        (1, 256): {1.0: 1.5, 1.414: 1.3, 2.0: 1.0, 2.828: 1.6},
+    }
+    results = [
+        transfer.RunResult(
+            "gpt2", "width", "fsc-stages", size, lr, seed, loss, math.nan, 0.0, 0.0, 1.0, 10, "linear"
+        )
+        for (seed, size), curve in losses.items()
+        for lr, loss in curve.items()
+    ]
+    spread = transfer.seed_regrets(results)
+    assert sorted(spread[("gpt2", "width", "fsc-stages")]) == pytest.approx([1.1, 1.3])
+    assert transfer.cliff({1.0: 1.2, 1.414: 1.0, 2.0: 1.1, 2.828: 1.5}) == pytest.approx(1.5)
+    assert math.isnan(transfer.cliff({1.0: 1.0, 1.5: 2.0}))  # 2x the optimum is not on the grid
+    rows = transfer.summarize(transfer.mean_losses(results))
+    md = transfer.markdown_summary(rows, results, "cmd")
+    assert "| 1.1–1.3 |" in md and "| 1.5 |" in md
