@@ -9,10 +9,10 @@ base shapes), for `mup` and, as the contrast, `standard`:
 
     python recipes/mup_coord_check.py --out reports/mup_coord_check          # a few minutes on 2 cores
 
-For every (task, parametrization, lr) it fits the slope of log mean|coordinate| against log width per module
-type at the last step and prints the steepest one. μP passes when no module type grows faster than
-width^--tolerance (default 0.15: 1.11× per doubling); a shrinking curve is reported, not failed (μP's readout output
-vanishes with width at init, and a few steps at a small lr do not move it far from init). The lr is each parametrization's optimum at the base width in
+For every (task, parametrization, lr) it fits the slope of log mean|coordinate| against log width per module type
+at every step after the first update and reports the steepest growth. μP passes when no module type grows faster
+than width^--tolerance (default 0.25: 1.19× per doubling; the standard parametrization grows like width^1 to
+width^4 here); shrinking is reported, not failed (μP's readout output vanishes with width at init). The lr is each parametrization's optimum at the base width in
 docs/transfer.md times --lr-scales: 0.1 (the benchmark's first steps run in its 5 % warm-up, at about a tenth of
 it; the verdict) and 1 (the optimum on an untrained model, without warm-up). Outputs: coord_check.csv (mup's data
 frame), coord_check.md (the slopes), one figure per case (one panel per step, one line per module type).
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-widths", default="64,128,256,512,1024", help="ResNet widths (first: base)")
     parser.add_argument("--steps", type=int, default=4, help="training steps on the fixed batch")
     parser.add_argument("--seeds", type=int, default=1, help="repeats averaged by mup")
-    parser.add_argument("--tolerance", type=float, default=0.15, help="|slope| that still counts as flat")
+    parser.add_argument("--tolerance", type=float, default=0.25, help="|slope| that still counts as flat")
     parser.add_argument(
         "--lr-scales",
         default="0.1,1",
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }  # fmt: skip
     lines = [
-        "| task | parametrization | lr | steepest module type at the last step | its slope | verdict |",
+        "| task | parametrization | lr | fastest-growing module type (step) | width exponent | verdict |",
         "|---|---|---|---|---|---|",
     ]
     frames, verdict = [], True
@@ -184,14 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             frame["task"], frame["parametrization"], frame["lr"] = task, parametrization, lr
             frames.append(frame)
-            fitted = slopes(frame, args.steps)
-            kind, slope = max(fitted.items(), key=lambda item: abs(item[1]))
+            # The steepest growth over the steps after the first update (SP blows up at step 2 and may settle).
+            fitted = {
+                (step, kind): v
+                for step in range(2, args.steps + 1)
+                for kind, v in slopes(frame, step).items()
+            }
+            (step, kind), slope = max(fitted.items(), key=lambda item: item[1])
             flat = abs(slope) <= args.tolerance
-            grows = max(fitted.values()) > args.tolerance
+            grows = slope > args.tolerance
             if parametrization == "mup" and scale == scales[0]:
                 verdict &= not grows
             lines.append(
-                f"| {task} | {parametrization} | {lr:.3g} | `{kind}` | {slope:+.3f} | "
+                f"| {task} | {parametrization} | {lr:.3g} | `{kind}` (step {step}) | {slope:+.3f} | "
                 f"{'flat' if flat else 'grows' if slope > 0 else 'shrinks'} |"
             )
             title = f"{task}, {parametrization}, AdamW lr {lr:.3g}: coordinate check"
