@@ -346,7 +346,8 @@ class FSCOptimizer(torch.optim.Optimizer):
       - Tied parameters (tied embeddings: the input embedding is also the LM head's weight) are in the stem group
         (tied_group="stem", the default) or the head group ("head": the head stage is then the readout path, the
         stem what only the input reads, e.g. position embeddings). Measured on the demo's GPT-2 (held-out
-        nats/byte at 300 steps): stem 2.466, head 2.610 (rate 0.03) (the position embeddings alone then carry the stem's share).
+        nats/byte at 300 steps): stem 2.466, head 2.610 at rate 0.03 (the position embeddings alone then carry
+        the stem's share).
 
     Why measure instead of computing the direction in closed form: the measured δw is, by definition, what the base
     would do with its current state (momentum, Adam moments, Adafactor factors, weight decay, clipping inside the
